@@ -287,8 +287,7 @@ def _streaming_iterator(
     while True:
       ds = base.shuffle(buffer, seed=seed_for(seed, e, pi), reshuffle_each_iteration=False)
       ds = ds.skip(skip).batch(1024).map(prep).prefetch(2)
-      for chunk in ds.as_numpy_iterator():
-        yield chunk
+      yield from ds.as_numpy_iterator()
       e, skip = e + 1, 0
 
   pending: list[Batch] = []
