@@ -1,0 +1,398 @@
+"""Inception-v3, FID variant, in Flax: 2048-d pool3 features and FID.
+
+This is the network of the TF FID graph (`pt_inception-2015-12-05`), in the
+form pytorch-fid uses: torchvision's Inception-v3 layout with its
+FIDInceptionA/C/E_1 blocks (average pools that ignore padding) and E_2 (a max
+pool in the last block). Inputs are resized to 299x299 (bilinear, half-pixel,
+no antialias, as `F.interpolate(align_corners=False)`) and must be in
+`[-1, 1]`; the output is the 2048-d global average of `Mixed_7c`.
+
+Weights are not shipped. To get them:
+
+  1. Download pytorch-fid's converted TF weights (about 92 MB):
+     https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
+  2. Convert to npz (needs torch; `pip install emd_jax[convert]`):
+     python -m emd_jax.evaluators.inception convert \
+       pt_inception-2015-12-05-6726825d.pth inception_fid.npz
+  3. `params = load_params("inception_fid.npz")`, then `inception_features`,
+     `fid_from_features` or `InceptionEvaluator` (no torch needed from here on).
+     Reference statistics: `save_reference_stats(path, features)` on the real
+     images' features, or pytorch-fid's precomputed `.npz` (keys mu, sigma).
+
+The npz keeps the torch names (`Mixed_5b.branch1x1.conv.weight`, ...,
+`.bn.running_var`); `load_params` maps them onto the Flax tree and checks
+that every parameter is present with the right shape.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emd_jax.evaluators import frechet
+
+Array = jax.Array
+FEATURE_DIM = 2048
+INPUT_SIZE = 299
+MIN_INPUT_SIZE = 75
+BN_EPS = 1e-3
+
+
+class BasicConv(nn.Module):
+  """conv (no bias) -> BatchNorm (inference, eps 1e-3) -> ReLU; names follow torch."""
+
+  features: int
+  kernel: tuple[int, int] = (1, 1)
+  stride: int = 1
+  padding: tuple[int, int] = (0, 0)
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c_in = x.shape[-1]
+    kh, kw = self.kernel
+    w = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, c_in, self.features))
+    scale = self.param("scale", nn.initializers.ones, (self.features,))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    mean = self.param("mean", nn.initializers.zeros, (self.features,))
+    var = self.param("var", nn.initializers.ones, (self.features,))
+    ph, pw = self.padding
+    y = jax.lax.conv_general_dilated(
+      x,
+      w.astype(x.dtype),
+      window_strides=(self.stride, self.stride),
+      padding=((ph, ph), (pw, pw)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST,
+    )
+    y = (y - mean) * (scale * jax.lax.rsqrt(var + BN_EPS)) + bias
+    return nn.relu(y)
+
+
+def _avg_pool_3x3(x: Array) -> Array:
+  # FID blocks: count_include_pad=False.
+  return nn.avg_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
+
+
+def _max_pool_3x3_s2(x: Array) -> Array:
+  return nn.max_pool(x, (3, 3), (2, 2))
+
+
+class InceptionA(nn.Module):
+  pool_features: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b1 = BasicConv(64, name="branch1x1")(x)
+    b5 = BasicConv(48, name="branch5x5_1")(x)
+    b5 = BasicConv(64, (5, 5), padding=(2, 2), name="branch5x5_2")(b5)
+    b3 = BasicConv(64, name="branch3x3dbl_1")(x)
+    b3 = BasicConv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(b3)
+    b3 = BasicConv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_3")(b3)
+    bp = BasicConv(self.pool_features, name="branch_pool")(_avg_pool_3x3(x))
+    return jnp.concatenate([b1, b5, b3, bp], axis=-1)
+
+
+class InceptionB(nn.Module):
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b3 = BasicConv(384, (3, 3), stride=2, name="branch3x3")(x)
+    bd = BasicConv(64, name="branch3x3dbl_1")(x)
+    bd = BasicConv(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
+    bd = BasicConv(96, (3, 3), stride=2, name="branch3x3dbl_3")(bd)
+    return jnp.concatenate([b3, bd, _max_pool_3x3_s2(x)], axis=-1)
+
+
+class InceptionC(nn.Module):
+  channels_7x7: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c7 = self.channels_7x7
+    row, col = dict(kernel=(1, 7), padding=(0, 3)), dict(kernel=(7, 1), padding=(3, 0))
+    b1 = BasicConv(192, name="branch1x1")(x)
+    b7 = BasicConv(c7, name="branch7x7_1")(x)
+    b7 = BasicConv(c7, **row, name="branch7x7_2")(b7)
+    b7 = BasicConv(192, **col, name="branch7x7_3")(b7)
+    bd = BasicConv(c7, name="branch7x7dbl_1")(x)
+    bd = BasicConv(c7, **col, name="branch7x7dbl_2")(bd)
+    bd = BasicConv(c7, **row, name="branch7x7dbl_3")(bd)
+    bd = BasicConv(c7, **col, name="branch7x7dbl_4")(bd)
+    bd = BasicConv(192, **row, name="branch7x7dbl_5")(bd)
+    bp = BasicConv(192, name="branch_pool")(_avg_pool_3x3(x))
+    return jnp.concatenate([b1, b7, bd, bp], axis=-1)
+
+
+class InceptionD(nn.Module):
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b3 = BasicConv(192, name="branch3x3_1")(x)
+    b3 = BasicConv(320, (3, 3), stride=2, name="branch3x3_2")(b3)
+    b7 = BasicConv(192, name="branch7x7x3_1")(x)
+    b7 = BasicConv(192, (1, 7), padding=(0, 3), name="branch7x7x3_2")(b7)
+    b7 = BasicConv(192, (7, 1), padding=(3, 0), name="branch7x7x3_3")(b7)
+    b7 = BasicConv(192, (3, 3), stride=2, name="branch7x7x3_4")(b7)
+    return jnp.concatenate([b3, b7, _max_pool_3x3_s2(x)], axis=-1)
+
+
+class InceptionE(nn.Module):
+  """FIDInceptionE_1 (`pool='avg'`, padding ignored) or FIDInceptionE_2 (`pool='max'`)."""
+
+  pool: str = "avg"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    row, col = dict(kernel=(1, 3), padding=(0, 1)), dict(kernel=(3, 1), padding=(1, 0))
+    b1 = BasicConv(320, name="branch1x1")(x)
+    b3 = BasicConv(384, name="branch3x3_1")(x)
+    b3 = jnp.concatenate(
+      [
+        BasicConv(384, **row, name="branch3x3_2a")(b3),
+        BasicConv(384, **col, name="branch3x3_2b")(b3),
+      ],
+      axis=-1,
+    )
+    bd = BasicConv(448, name="branch3x3dbl_1")(x)
+    bd = BasicConv(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
+    bd = jnp.concatenate(
+      [
+        BasicConv(384, **row, name="branch3x3dbl_3a")(bd),
+        BasicConv(384, **col, name="branch3x3dbl_3b")(bd),
+      ],
+      axis=-1,
+    )
+    if self.pool == "avg":
+      pooled = _avg_pool_3x3(x)
+    else:
+      pooled = nn.max_pool(x, (3, 3), (1, 1), padding=((1, 1), (1, 1)))
+    bp = BasicConv(192, name="branch_pool")(pooled)
+    return jnp.concatenate([b1, b3, bd, bp], axis=-1)
+
+
+class InceptionV3FID(nn.Module):
+  """images `[B, H, W, 3]` in `[-1, 1]` -> pool3 features `[B, 2048]`.
+
+  `resize_to`: side the input is bilinearly resized to first (299 for FID;
+  `None` keeps the input size, which must be at least 75).
+  """
+
+  resize_to: int | None = INPUT_SIZE
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = jnp.asarray(x, jnp.float32)
+    if x.shape[-1] == 1:
+      x = jnp.repeat(x, 3, axis=-1)
+    if self.resize_to is not None and x.shape[1:3] != (self.resize_to, self.resize_to):
+      x = jax.image.resize(
+        x, (x.shape[0], self.resize_to, self.resize_to, 3), "bilinear", antialias=False
+      )
+    if min(x.shape[1:3]) < MIN_INPUT_SIZE:
+      raise ValueError(f"Inception-v3 needs inputs of at least {MIN_INPUT_SIZE}px, got {x.shape}")
+    x = BasicConv(32, (3, 3), stride=2, name="Conv2d_1a_3x3")(x)  # [B, 149, 149, 32]
+    x = BasicConv(32, (3, 3), name="Conv2d_2a_3x3")(x)  # [B, 147, 147, 32]
+    x = BasicConv(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)
+    x = _max_pool_3x3_s2(x)  # [B, 73, 73, 64]
+    x = BasicConv(80, name="Conv2d_3b_1x1")(x)
+    x = BasicConv(192, (3, 3), name="Conv2d_4a_3x3")(x)  # [B, 71, 71, 192]
+    x = _max_pool_3x3_s2(x)  # [B, 35, 35, 192]
+    x = InceptionA(32, name="Mixed_5b")(x)  # [B, 35, 35, 256]
+    x = InceptionA(64, name="Mixed_5c")(x)
+    x = InceptionA(64, name="Mixed_5d")(x)  # [B, 35, 35, 288]
+    x = InceptionB(name="Mixed_6a")(x)  # [B, 17, 17, 768]
+    x = InceptionC(128, name="Mixed_6b")(x)
+    x = InceptionC(160, name="Mixed_6c")(x)
+    x = InceptionC(160, name="Mixed_6d")(x)
+    x = InceptionC(192, name="Mixed_6e")(x)
+    x = InceptionD(name="Mixed_7a")(x)  # [B, 8, 8, 1280]
+    x = InceptionE("avg", name="Mixed_7b")(x)
+    x = InceptionE("max", name="Mixed_7c")(x)  # [B, 8, 8, 2048]
+    return x.mean(axis=(1, 2))  # [B, 2048]
+
+
+# ----------------------------------------------------------------------------
+# Weights: torch names <-> Flax tree.
+
+_TORCH_SUFFIX = {
+  "kernel": "conv.weight",
+  "scale": "bn.weight",
+  "bias": "bn.bias",
+  "mean": "bn.running_mean",
+  "var": "bn.running_var",
+}
+
+
+def init_params(seed: int = 0) -> Any:
+  """Random parameters for tests: He-normal kernels, identity batch norm.
+
+  Drawn with numpy from the abstract tree (seconds, where a Flax init of 22M
+  parameters takes tens of seconds on CPU).
+  """
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == "kernel":
+      fan_in = np.prod(leaf.shape[:-1])
+      w = rng.standard_normal(leaf.shape, dtype=np.float32) * np.sqrt(2.0 / fan_in)
+      return jnp.asarray(w)
+    return jnp.ones(leaf.shape) if name in ("scale", "var") else jnp.zeros(leaf.shape)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract_params())
+
+
+def abstract_params() -> Any:
+  """The parameter tree's shapes, without computing anything."""
+  model = InceptionV3FID(resize_to=None)
+  shape = (1, MIN_INPUT_SIZE, MIN_INPUT_SIZE, 3)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape))["params"])
+
+
+def torch_names(params: Any) -> dict[str, tuple[str, ...]]:
+  """Maps each torch state-dict name to its path in the Flax tree."""
+  out = {}
+  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = tuple(p.key for p in path)
+    out[".".join(keys[:-1]) + "." + _TORCH_SUFFIX[keys[-1]]] = keys
+  return out
+
+
+def _to_flax(leaf_name: str, value: np.ndarray) -> np.ndarray:
+  if leaf_name == "kernel":  # torch [out, in, kh, kw] -> [kh, kw, in, out]
+    return np.transpose(value, (2, 3, 1, 0))
+  return value
+
+
+def _to_torch(leaf_name: str, value: np.ndarray) -> np.ndarray:
+  if leaf_name == "kernel":
+    return np.transpose(value, (3, 2, 0, 1))
+  return value
+
+
+def params_to_torch_dict(params: Any) -> dict[str, np.ndarray]:
+  """Flax params -> {torch name: array in torch layout} (the npz format)."""
+  flat = {}
+  for name, keys in torch_names(params).items():
+    leaf = functools.reduce(lambda t, k: t[k], keys, params)
+    flat[name] = _to_torch(keys[-1], np.asarray(leaf, np.float32))
+  return flat
+
+
+def load_params(npz_path: str) -> Any:
+  """Reads an npz of torch-named weights into the Flax tree, checking names and shapes."""
+  template = abstract_params()
+  names = torch_names(template)
+  data = np.load(npz_path)
+  missing = sorted(set(names) - set(data.files))
+  if missing:
+    raise KeyError(f"{npz_path} lacks {len(missing)} weights, e.g. {missing[:3]}")
+  flat = {}
+  for name, keys in names.items():
+    value = _to_flax(keys[-1], np.asarray(data[name], np.float32))
+    expected = functools.reduce(lambda t, k: t[k], keys, template).shape
+    if value.shape != expected:
+      raise ValueError(f"{name}: shape {value.shape}, expected {expected}")
+    flat[keys] = value
+  return nn.FrozenDict(_unflatten(flat)).unfreeze()
+
+
+def _unflatten(flat: dict[tuple[str, ...], np.ndarray]) -> dict:
+  tree: dict = {}
+  for keys, value in flat.items():
+    node = tree
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1]] = jnp.asarray(value)
+  return tree
+
+
+def convert_torch_checkpoint(pth_path: str, npz_path: str) -> int:
+  """pytorch-fid's `.pth` -> npz of float32 arrays under torch names. Needs torch."""
+  try:
+    import torch
+  except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("converting needs torch: pip install 'emd_jax[convert]'") from e
+  state = torch.load(pth_path, map_location="cpu", weights_only=True)
+  wanted = set(torch_names(abstract_params()))
+  arrays = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in state.items() if k in wanted}
+  missing = sorted(wanted - set(arrays))
+  if missing:
+    raise KeyError(f"{pth_path} lacks {len(missing)} weights, e.g. {missing[:3]}")
+  np.savez(npz_path, **arrays)
+  return len(arrays)
+
+
+# ----------------------------------------------------------------------------
+# Features and FID.
+
+
+@functools.partial(jax.jit, static_argnames=("resize_to",))
+def _features(params: Any, images: Array, resize_to: int | None) -> Array:
+  return InceptionV3FID(resize_to=resize_to).apply({"params": params}, images)
+
+
+def inception_features(
+  params: Any, images: np.ndarray, batch_size: int = 64, resize_to: int | None = INPUT_SIZE
+) -> np.ndarray:
+  """pool3 features `[N, 2048]` of images `[N, H, W, C]` in `[-1, 1]`, in batches.
+
+  The last batch is padded to `batch_size` so one compiled shape serves all.
+  """
+  out = []
+  for i in range(0, len(images), batch_size):
+    chunk = np.asarray(images[i : i + batch_size], np.float32)
+    n = len(chunk)
+    if n < batch_size:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
+    out.append(np.asarray(_features(params, jnp.asarray(chunk), resize_to))[:n])
+  return np.concatenate(out)
+
+
+def fid_from_features(features_a: np.ndarray, features_b: np.ndarray) -> float:
+  """FID between two sets of pool3 features `[N, 2048]`, `[M, 2048]`."""
+  return frechet.frechet_distance_features(features_a, features_b)
+
+
+def load_reference_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(mu, sigma) from an npz with keys `mu`, `sigma` (pytorch-fid's stats format)."""
+  data = np.load(path)
+  return np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+
+
+def save_reference_stats(path: str, features: np.ndarray) -> None:
+  mu, sigma = frechet.feature_stats(features)
+  np.savez(path, mu=mu, sigma=sigma)
+
+
+class InceptionEvaluator:
+  """FID against reference statistics: `evaluator(images [-1,1] NHWC) -> {'fid': ...}`."""
+
+  name = "inception_fid"
+
+  def __init__(self, weights_npz: str, reference_stats: str, batch_size: int = 64):
+    self.params = load_params(weights_npz)
+    self.mu, self.sigma = load_reference_stats(reference_stats)
+    self.batch_size = batch_size
+
+  def __call__(self, images: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
+    del labels
+    feats = inception_features(self.params, images, self.batch_size)
+    mu, sigma = frechet.feature_stats(feats)
+    return {"fid": frechet.frechet_distance(mu, sigma, self.mu, self.sigma)}
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) != 4 or argv[1] != "convert":
+    raise SystemExit("usage: python -m emd_jax.evaluators.inception convert IN.pth OUT.npz")
+  n = convert_torch_checkpoint(argv[2], argv[3])
+  print(f"wrote {n} arrays to {argv[3]}")
+
+
+if __name__ == "__main__":
+  main(sys.argv)
