@@ -11,3 +11,29 @@ def load(path: str) -> Teacher:
 
 
 __all__ = ["Teacher", "load"]
+
+
+def from_config(cfg) -> Teacher:
+  """Builds the teacher a config's `teacher` section names.
+
+  kind "gmm": the analytic mixture (fields dim, num_modes, radius, std, weights).
+  kind "checkpoint": a teacher checkpoint directory (`teacher.checkpoint`).
+  """
+  kind = cfg.kind
+  if kind == "gmm":
+    from emd_jax.teachers.gmm import gmm_teacher
+
+    weights = cfg.get("weights") or None
+    return gmm_teacher(
+      dim=cfg.dim,
+      num_modes=cfg.num_modes,
+      radius=cfg.radius,
+      std=cfg.std,
+      weights=weights,
+      sigma_data=cfg.get("sigma_data", 0.5),
+    )
+  if kind == "checkpoint":
+    if not cfg.get("checkpoint"):
+      raise ValueError("teacher.checkpoint: no teacher checkpoint directory given (teacher.kind='checkpoint')")
+    return load(cfg.checkpoint)
+  raise ValueError(f"teacher.kind: unknown teacher kind {kind!r}; known: 'gmm', 'checkpoint'")

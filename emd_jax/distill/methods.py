@@ -1,0 +1,46 @@
+"""Method presets: the rows of ALGORITHMS.md section 6 as config defaults.
+
+`config.method` names a preset. Fields left as placeholders (None) in
+`config.estep` and `config.loss` take the preset's value; a field set in the
+config file or on the command line wins, so e.g.
+`--config.method=emd --config.estep.num_steps=16` is EMD-16.
+"""
+
+from __future__ import annotations
+
+# name -> (estep.num_steps, loss.name, loss.distance, loss.weight, description)
+PRESETS: dict[str, tuple[int, str, str, str, str]] = {
+  "emd_sim": (4, "emd", "pseudo_huber", "one", "EMD E-step + SIM pseudo-Huber M-step (default)"),
+  "emd": (4, "emd", "linear", "sigma2", "EM Distillation: E-step + linear M-step"),
+  "sim": (0, "sim", "pseudo_huber", "one", "Score Implicit Matching, pseudo-Huber"),
+  "sid": (0, "sid", "l2", "one", "Score identity Distillation (SiD), alpha = loss.sid_alpha"),
+  "di": (0, "di", "linear", "one", "Diff-Instruct / VSD (reverse KL)"),
+  "dmd": (0, "dmd", "linear", "one", "DMD: Diff-Instruct with DMD's normalised weight"),
+  "emd_simloss": (4, "sim", "pseudo_huber", "one", "experimental: SIM loss at E-step samples"),
+}
+
+
+def resolve(config) -> None:
+  """Fills unset `estep.num_steps`, `loss.name/distance/weight` from `config.method`.
+
+  Mutates `config` in place (unlock-free: only placeholder fields are set).
+  """
+  if config.method not in PRESETS:
+    raise ValueError(f"config.method: unknown method {config.method!r}; known: {sorted(PRESETS)}")
+  num_steps, name, distance, weight, _ = PRESETS[config.method]
+  if config.estep.num_steps is None:
+    config.estep.num_steps = num_steps
+  if config.loss.name is None:
+    config.loss.name = name
+  if config.loss.distance is None:
+    config.loss.distance = distance
+  if config.loss.weight is None:
+    config.loss.weight = weight
+
+
+def describe() -> str:
+  """A markdown table of the presets (for --help text and README)."""
+  rows = ["| method | E-step K | M-step loss | distance | weight | what it is |", "|---|---|---|---|---|---|"]
+  for key, (k, name, dist, w, desc) in PRESETS.items():
+    rows.append(f"| `{key}` | {k} | {name} | {dist} | {w} | {desc} |")
+  return "\n".join(rows)

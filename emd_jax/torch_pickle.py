@@ -1,0 +1,259 @@
+"""Reading EDM network pickles and PyTorch checkpoints without torch or EDM's code.
+
+A restricted unpickler resolves only an allowlist of globals, each to a local,
+inert stand-in, and executes nothing from the file:
+
+- EDM's `torch_utils.persistence._reconstruct_persistent_obj(meta)` becomes a
+  `PersistentObject` recording the class name and the instance state (EDM's
+  persistence records constructor arguments in `_init_args`/`_init_kwargs`);
+  the embedded module source is kept as text and never run.
+- plain torch modules (`torch.nn.*`, e.g. `ModuleDict`) become `TorchModule`
+  holders of their `__dict__`.
+- tensors: `torch._utils._rebuild_tensor_v2` / `_rebuild_parameter` build numpy
+  arrays from storages, which come either as `torch.storage._load_from_bytes`
+  bytes (a nested `torch.save` in the legacy format; EDM's pickles) or as
+  persistent ids of a zip-format `torch.save` archive (`.pt` state dicts).
+
+Anything else (`os.system`, `builtins.eval`, ...) raises `UnpicklingError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import struct
+import zipfile
+from typing import Any
+
+import numpy as np
+
+# torch storage class name -> numpy dtype.
+_STORAGE_DTYPES = {
+  "FloatStorage": np.float32,
+  "DoubleStorage": np.float64,
+  "HalfStorage": np.float16,
+  "BFloat16Storage": None,
+  "LongStorage": np.int64,
+  "IntStorage": np.int32,
+  "ShortStorage": np.int16,
+  "CharStorage": np.int8,
+  "ByteStorage": np.uint8,
+  "BoolStorage": np.bool_,
+}
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+class PersistentObject:
+  """An EDM `persistence`-decorated object: class name, state, recorded init kwargs."""
+
+  def __init__(self, meta: dict):
+    self.class_name = meta.get("class_name")
+    self.state = dict(meta.get("state") or {})
+    self.module_src = meta.get("module_src")  # text only; never executed
+
+  @property
+  def init_args(self) -> tuple:
+    return tuple(self.state.get("_init_args") or ())
+
+  @property
+  def init_kwargs(self) -> dict:
+    return dict(self.state.get("_init_kwargs") or {})
+
+  def __repr__(self):
+    return f"PersistentObject({self.class_name})"
+
+
+class TorchModule:
+  """A non-persistent `torch.nn` module (e.g. `ModuleDict`): its class and `__dict__`."""
+
+  class_name = "torch.nn.Module"
+
+  def __init__(self):
+    self.state: dict = {}
+
+  def __setstate__(self, state):
+    self.state = dict(state) if isinstance(state, dict) else {"state": state}
+
+
+def _module_class(qualname: str) -> type:
+  """An inert `TorchModule` subclass standing in for a `torch.nn` class."""
+  return type(qualname.rsplit(".", 1)[-1], (TorchModule,), {"class_name": qualname})
+
+
+class _StorageType:
+  """A torch storage class in a persistent id; knows its numpy dtype."""
+
+  def __init__(self, name: str):
+    if name not in _STORAGE_DTYPES:
+      raise pickle.UnpicklingError(f"unsupported torch storage type {name}")
+    self.name = name
+    self.dtype = _STORAGE_DTYPES[name]
+
+
+def _frombuffer(buf: bytes, storage_type: _StorageType) -> np.ndarray:
+  if storage_type.name == "BFloat16Storage":
+    u16 = np.frombuffer(buf, np.uint16).astype(np.uint32) << 16
+    return u16.view(np.float32)
+  return np.frombuffer(buf, storage_type.dtype)
+
+
+def _rebuild_tensor(storage, offset, size, stride, *unused) -> np.ndarray:
+  """numpy view of `storage` with torch's (element) strides, copied to a fresh array."""
+  if storage is _PLACEHOLDER:
+    return None
+  storage = np.asarray(storage)
+  size, stride = tuple(int(n) for n in size), tuple(int(s) for s in stride)
+  if len(size) != len(stride) or min(size + stride + (offset,), default=0) < 0:
+    raise pickle.UnpicklingError(f"bad tensor geometry size={size} stride={stride}")
+  last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
+  if last >= storage.size:
+    raise pickle.UnpicklingError(f"tensor of size {size} overruns its storage ({storage.size})")
+  if not size:
+    return storage[offset].copy()
+  item = storage.itemsize
+  view = np.lib.stride_tricks.as_strided(
+    storage[offset:], shape=size, strides=tuple(s * item for s in stride), writeable=False
+  )
+  return np.array(view)
+
+
+def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, *unused):
+  return data
+
+
+def _reconstructor(cls, base, state=None):
+  """`copyreg._reconstructor` for protocol 0/1 pickles of torch modules."""
+  if not (isinstance(cls, type) and issubclass(cls, TorchModule)):
+    raise pickle.UnpicklingError(f"refusing to reconstruct {cls!r}")
+  return cls()
+
+
+def _numpy_scalar(dtype, data: bytes):
+  return np.frombuffer(data, dtype)[0]
+
+
+class _Unpickler(pickle.Unpickler):
+  """Resolves only allowlisted globals; storages come from `load_storage(pid)`."""
+
+  def __init__(self, f, load_storage=None):
+    super().__init__(f)
+    self._load_storage = load_storage
+
+  _SAFE = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): PersistentObject,
+    ("copyreg", "_reconstructor"): _reconstructor,
+    ("dnnlib.util", "EasyDict"): dict,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+  }
+
+  def find_class(self, module: str, name: str) -> Any:
+    if (module, name) in self._SAFE:
+      return self._SAFE[(module, name)]
+    if module == "torch.storage" and name == "_load_from_bytes":
+      return load_legacy_bytes
+    if module == "torch" and name.endswith("Storage"):
+      return _StorageType(name)
+    if module.startswith("torch.nn.modules.") or module == "torch.nn":
+      return _module_class(f"{module}.{name}")
+    raise pickle.UnpicklingError(
+      f"refusing to load global {module}.{name} (not an allowlisted type)"
+    )
+
+  def persistent_load(self, pid):
+    if self._load_storage is None:
+      raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+    return self._load_storage(pid)
+
+
+def _restricted_load(f, load_storage=None):
+  return _Unpickler(f, load_storage).load()
+
+
+def load_legacy_bytes(data: bytes):
+  """Parses a legacy (non-zip) `torch.save` stream, as inside EDM pickles."""
+  if data[:2] == b"PK":
+    return load_zip(io.BytesIO(data))
+  f = io.BytesIO(data)
+  if _restricted_load(f) != _LEGACY_MAGIC:
+    raise pickle.UnpicklingError("not a torch legacy serialization (bad magic number)")
+  _restricted_load(f)  # protocol version
+  sys_info = _restricted_load(f)
+  if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
+    raise pickle.UnpicklingError("big-endian torch files are not supported")
+  types: dict[str, _StorageType] = {}
+
+  def note_storage(pid):
+    key, stype = _storage_pid(pid)
+    types[key] = stype
+    return _PLACEHOLDER
+
+  start = f.tell()
+  _restricted_load(f, note_storage)  # first pass: find the storages and the data offset
+  end = f.tell()
+  arrays = {}
+  for key in _restricted_load(f):
+    stype = types[str(key)]
+    (numel,) = struct.unpack("<q", f.read(8))
+    width = 2 if stype.name == "BFloat16Storage" else np.dtype(stype.dtype).itemsize
+    arrays[str(key)] = _frombuffer(f.read(numel * width), stype)
+  # Second pass over the same pickle bytes, now with the storages' data.
+  body = io.BytesIO(data[start:end])
+  return _restricted_load(body, lambda pid: arrays[_storage_pid(pid)[0]])
+
+
+_PLACEHOLDER = object()  # stands for a storage whose bytes are not read yet
+
+
+def _storage_pid(pid) -> tuple[str, _StorageType]:
+  """`(key, storage type)` from a `('storage', type, key, location, numel[, view])` id."""
+  if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+    raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+  if not isinstance(pid[1], _StorageType):
+    raise pickle.UnpicklingError(f"bad storage type in persistent id {pid!r}")
+  if len(pid) > 5 and pid[5] is not None:
+    raise pickle.UnpicklingError("storage views are not supported")
+  return str(pid[2]), pid[1]
+
+
+def load_zip(f) -> Any:
+  """Parses a zip-format `torch.save` archive (`.pt`), tensors as numpy arrays."""
+  zf = zipfile.ZipFile(f)
+  names = zf.namelist()
+  pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
+  if not pkl:
+    raise pickle.UnpicklingError("zip archive has no data.pkl: not a torch.save file")
+  prefix = pkl[0][: -len("data.pkl")]
+  byteorder = prefix + "byteorder"
+  if byteorder in names and zf.read(byteorder).strip() != b"little":
+    raise pickle.UnpicklingError("big-endian torch files are not supported")
+
+  def load_storage(pid):
+    key, stype = _storage_pid(pid)
+    return _frombuffer(zf.read(f"{prefix}data/{key}"), stype)
+
+  return _restricted_load(io.BytesIO(zf.read(pkl[0])), load_storage)
+
+
+def load_file(path: str) -> Any:
+  """Loads an EDM network pickle or a torch checkpoint (zip or legacy) safely."""
+  with open(path, "rb") as fh:
+    data = fh.read()
+  if data[:2] == b"PK":
+    return load_zip(io.BytesIO(data))
+  try:
+    return load_legacy_bytes(data)
+  except pickle.UnpicklingError as e:
+    if "magic number" not in str(e):
+      raise
+  return _restricted_load(io.BytesIO(data))

@@ -1,0 +1,269 @@
+"""The distillation loop: teacher and state in, steps, checkpoints, metrics, export.
+
+`train_and_evaluate(config, workdir)` is what `python -m emd_jax.main` runs
+for `config.job == "distill"`; notebooks and tests call it directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from emd_jax import checkpoint as ckpt_lib
+from emd_jax import export as export_lib
+from emd_jax import metrics as metrics_lib
+from emd_jax import nets, parallel, teachers
+from emd_jax.config_validation import validate_distill
+from emd_jax.diffusion import Schedule, noise_dist_from_config
+from emd_jax.distill.losses import LossSpec
+from emd_jax.distill.state import DistillState, create_state, make_optimizer
+from emd_jax.distill.step import StepConfig, make_train_step
+from emd_jax.teachers.base import Teacher
+
+
+class TrainingError(RuntimeError):
+  """Training stopped for a reason the user must see (e.g. repeated non-finite steps)."""
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from a config before the first step."""
+
+  teacher: Teacher
+  net_spec: dict
+  module: object
+  step_cfg: StepConfig
+  tx_gen: object
+  tx_fake: object
+
+  def net_apply(self, params, x, sigma, labels=None):
+    return self.module.apply({"params": params}, x, sigma, labels)
+
+
+def student_spec(config, teacher: Teacher) -> dict:
+  """The generator / fake-denoiser architecture: the teacher's own when it is a network."""
+  if teacher.spec.get("kind") == "network":
+    return dict(teacher.spec["net"])
+  spec = dict(config.net)
+  if spec["arch"] == "mlp":
+    if len(teacher.data_shape) != 1:
+      raise ValueError(f"net.arch 'mlp' needs vector data, the teacher's data shape is {teacher.data_shape}")
+    spec.update(dim=teacher.data_shape[0], num_classes=teacher.num_classes, sigma_data=teacher.sigma_data)
+  return spec
+
+
+def build_setup(config) -> Setup:
+  teacher = teachers.from_config(config.teacher)
+  spec = student_spec(config, teacher)
+  module = nets.build(spec)
+  loss = LossSpec(
+    name=config.loss.name,
+    distance=config.loss.distance,
+    weight=config.loss.weight,
+    huber_c=config.loss.huber_c,
+    huber_delta=config.loss.huber_delta,
+    power=config.loss.power,
+    sid_alpha=config.loss.sid_alpha,
+  )
+  step_cfg = StepConfig(
+    batch_size=config.batch_size,
+    data_shape=tuple(teacher.data_shape),
+    sigma_init=config.generator.sigma_init,
+    sigma_data=teacher.sigma_data,
+    num_classes=teacher.num_classes,
+    schedule=Schedule(config.schedule),
+    gen_noise=noise_dist_from_config(config.loss.noise),
+    fake_noise=noise_dist_from_config(config.fake.noise),
+    loss=loss,
+    estep_steps=config.estep.num_steps,
+    gamma_eps=config.estep.gamma_eps,
+    gamma_z=config.estep.gamma_z,
+    gamma_z_scaling=config.estep.gamma_z_scaling,
+    noise_cancellation=config.estep.noise_cancellation,
+    fake_steps=config.fake.steps_per_gen_step,
+    ema_decay=config.generator.ema_decay,
+  )
+  return Setup(teacher, spec, module, step_cfg, make_optimizer(config.generator), make_optimizer(config.fake))
+
+
+def initial_student_params(config, setup: Setup, rng):
+  """Teacher weights for a network teacher; a fitted surrogate for an analytic one."""
+  teacher = setup.teacher
+  if teacher.spec.get("kind") == "network":
+    return jax.tree.map(jnp.array, teacher.params)
+  from emd_jax.teachers import gmm
+  from emd_jax.teachers.surrogate import fit_surrogate
+
+  k_init, k_fit = jax.random.split(rng)
+  x = jnp.zeros((1, *teacher.data_shape))
+  labels = jnp.zeros((1, teacher.num_classes)) if teacher.num_classes else None
+  params = setup.module.init(k_init, x, jnp.ones((1,)), labels)["params"]
+  params, loss = fit_surrogate(
+    k_fit,
+    setup.net_apply,
+    params,
+    teacher.apply,
+    teacher.params,
+    lambda k, n: gmm.sample(teacher.params, k, n)[0],
+    steps=config.teacher.surrogate_steps,
+    batch_size=config.teacher.surrogate_batch_size,
+    lr=config.teacher.surrogate_lr,
+    dist=setup.step_cfg.fake_noise,
+    sigma_data=teacher.sigma_data,
+  )
+  logging.info("surrogate of the analytic teacher: %d steps, final weighted loss %.3g", config.teacher.surrogate_steps, float(loss))
+  return params
+
+
+def config_fingerprint(config, setup: Setup) -> dict:
+  """What must match between a checkpoint and the run that restores it."""
+  return {"net": setup.net_spec, "data_shape": list(setup.teacher.data_shape), "teacher": setup.teacher.spec}
+
+
+def evaluate(config, setup: Setup, params, rng) -> tuple[dict, dict]:
+  """Scalars and images for the current generator (EMA) parameters."""
+  n = config.eval_num_samples
+  z = setup.step_cfg.sigma_init * jax.random.normal(rng, (n, *setup.teacher.data_shape))
+  x = _generate(setup, params, z)
+  if setup.teacher.spec.get("kind") == "gmm":
+    from emd_jax.evaluators.gmm import gmm_metrics, scatter_image
+
+    return gmm_metrics(np.asarray(x), jax.device_get(setup.teacher.params)), {"samples": scatter_image(np.asarray(x))[None]}
+  return {}, {}
+
+
+def _generate(setup: Setup, params, z, labels=None):
+  sigma = jnp.full((z.shape[0],), setup.step_cfg.sigma_init)
+  return jax.jit(setup.net_apply)(params, z, sigma, labels)
+
+
+def export(config, setup: Setup, state: DistillState, workdir: str) -> str:
+  return export_lib.write_export(
+    os.path.join(workdir, "export"),
+    net_spec=setup.net_spec,
+    params=state.gen_ema,
+    data_shape=setup.teacher.data_shape,
+    sigma_init=setup.step_cfg.sigma_init,
+    num_classes=setup.teacher.num_classes,
+    config=config.to_dict(),
+    extra={"step": int(state.step), "method": config.method},
+  )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Distils the configured teacher; resumes from `workdir` if it holds checkpoints.
+
+  Returns the last evaluation's scalars (plus `step`).
+  """
+  config = ml_collections.ConfigDict(config)  # private, unlocked copy
+  validate_distill(config)
+  os.makedirs(workdir, exist_ok=True)
+  setup = build_setup(config)
+  mesh = parallel.make_mesh(config.mesh)
+  parallel.check_batch(config.batch_size, mesh)
+  base_key = jax.random.PRNGKey(config.seed)
+  k_state, k_init, k_eval = jax.random.split(base_key, 3)
+
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.max_checkpoints)
+  fingerprint = config_fingerprint(config, setup)
+  abstract = jax.eval_shape(
+    lambda p: create_state(k_state, p, setup.tx_gen, setup.tx_fake), _abstract_params(setup)
+  )
+  state_sh = parallel.tree_shardings(abstract, mesh)
+  teacher_sh = parallel.tree_shardings(setup.teacher.params, mesh)
+  teacher_params = jax.device_put(setup.teacher.params, teacher_sh)
+
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, meta = checkpointer.restore(latest, ckpt_lib.abstract_like(abstract, state_sh))
+    if meta.get("fingerprint") != json.loads(json.dumps(fingerprint)):
+      raise TrainingError(
+        f"checkpoint at step {latest} in {checkpointer.directory} was written for another architecture or "
+        "teacher; use a new --workdir"
+      )
+    metrics_lib.log_line(f"resumed from checkpoint step {latest}")
+  else:
+    params = initial_student_params(config, setup, k_init)
+    state = jax.device_put(create_state(k_state, params, setup.tx_gen, setup.tx_fake), state_sh)
+
+  train_step = jax.jit(
+    make_train_step(
+      setup.step_cfg, setup.net_apply, setup.teacher.apply, setup.tx_gen, setup.tx_fake, parallel.batch_sharding(mesh)
+    ),
+    in_shardings=(state_sh, teacher_sh),
+    out_shardings=(state_sh, parallel.replicated(mesh)),
+    donate_argnums=0,
+  )
+  writer = metrics_lib.create_writer(workdir)
+  if latest is None:
+    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items() if isinstance(v, (int, float, str, bool))})
+  meta = {"config": config.to_dict(), "fingerprint": fingerprint}
+
+  step = int(state.step)
+  progress = metrics_lib.Progress(config.total_steps, step)
+  last_eval: dict = {}
+  t_start = time.perf_counter()
+  while step < config.total_steps:
+    state, m = train_step(state, teacher_params)
+    step += 1
+    if step % config.log_every == 0 or step == config.total_steps:
+      m = jax.device_get(m)
+      rates = progress.update(step)
+      writer.write_scalars(step, {**m, "steps_per_sec": rates["steps_per_sec"]})
+      metrics_lib.log_line(progress.line(step, rates["steps_per_sec"], rates["eta_seconds"], m))
+      if m["nonfinite/streak"] >= config.nonfinite_limit:
+        checkpointer.wait()
+        raise TrainingError(
+          f"step {step}: {int(m['nonfinite/streak'])} consecutive non-finite losses/gradients "
+          f"(limit nonfinite_limit={config.nonfinite_limit}); the last good checkpoint is kept in "
+          f"{checkpointer.directory}"
+        )
+    if step % config.eval_every == 0 or step == config.total_steps:
+      scalars, images = evaluate(config, setup, state.gen_ema, jax.random.fold_in(k_eval, step))
+      if scalars:
+        writer.write_scalars(step, scalars)
+        metrics_lib.log_line(f"eval step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items() if "mass/" not in k))
+      if images:
+        writer.write_images(step, images)
+      last_eval = {**scalars, "step": step}
+    if step % config.checkpoint_every == 0 or step == config.total_steps:
+      checkpointer.save(step, state, {**meta, "step": step})
+  checkpointer.wait()
+  writer.flush()
+  if config.export_at_end and jax.process_index() == 0:
+    path = export(config, setup, state, workdir)
+    metrics_lib.log_line(f"exported generator to {path}")
+  metrics_lib.log_line(f"done: {step} steps in {time.perf_counter() - t_start:.1f}s")
+  checkpointer.close()
+  writer.close()
+  last_eval.setdefault("step", step)
+  last_eval["state"] = state
+  return last_eval
+
+
+def _abstract_params(setup: Setup):
+  teacher = setup.teacher
+  if teacher.spec.get("kind") == "network":
+    return teacher.params
+  x = jnp.zeros((1, *teacher.data_shape))
+  labels = jnp.zeros((1, teacher.num_classes)) if teacher.num_classes else None
+  return jax.eval_shape(setup.module.init, jax.random.PRNGKey(0), x, jnp.ones((1,)), labels)["params"]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flat(v, key + "."))
+    else:
+      out[key] = v
+  return out
