@@ -1,4 +1,4 @@
-"""Inception-v3, FID variant, in Flax: 2048-d pool3 features and FID.
+r"""Inception-v3, FID variant, in Flax: 2048-d pool3 features and FID.
 
 This is the network of the TF FID graph (`pt_inception-2015-12-05`), in the
 form pytorch-fid uses: torchvision's Inception-v3 layout with its
