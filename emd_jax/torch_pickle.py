@@ -106,7 +106,8 @@ def _rebuild_tensor(storage, offset, size, stride, *unused) -> np.ndarray:
   size, stride = tuple(int(n) for n in size), tuple(int(s) for s in stride)
   if len(size) != len(stride) or min(size + stride + (offset,), default=0) < 0:
     raise pickle.UnpicklingError(f"bad tensor geometry size={size} stride={stride}")
-  last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
+  span = sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+  last = offset + span if all(size) else offset - 1
   if last >= storage.size:
     raise pickle.UnpicklingError(f"tensor of size {size} overruns its storage ({storage.size})")
   if not size:
