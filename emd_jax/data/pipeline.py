@@ -23,8 +23,9 @@ defaults in brackets):
   data_dir       TFDS data dir. [~/.cache/emd_jax/tfds]
   shuffle_buffer tf.data shuffle buffer for streamed sources. [10000]
   num_classes    one-hot width. [10]
-  in_memory      load the whole split into host memory and sample by index
-                 ('auto': digits and image folders yes, other TFDS names no). ['auto']
+  in_memory      True: load the whole split into host memory and sample by
+                 index; False: stream it; None: True for digits and image
+                 folders, False for other TFDS names. [None]
 
 Two ways to read:
   * `make_dataset(...)`: a plain tf.data pipeline (per-process shard, shuffle,
@@ -146,7 +147,7 @@ def _is_digits(cfg: Any) -> bool:
 
 def _in_memory(cfg: Any) -> bool:
   flag = _get(cfg, "in_memory", "auto")
-  if flag == "auto":
+  if flag in ("auto", None):
     return _is_digits(cfg) or bool(_get(cfg, "image_folder", ""))
   return bool(flag)
 
