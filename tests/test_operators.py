@@ -8,7 +8,7 @@ import pytest
 from emd_jax.posterior import operators as ops
 from emd_jax.posterior.gaussian import dense_matrix
 
-SHAPE = (8, 12, 2)
+SHAPE = (8, 8, 2)
 CASES = [
   ("gaussian_blur", dict(kernel_size=5, std=1.2)),
   ("motion_blur", dict(kernel_size=7, seed=3)),
@@ -43,29 +43,26 @@ def test_adjoint_identity(name, kw):
 
 
 @pytest.mark.parametrize("name,kw", CASES, ids=IDS)
-@pytest.mark.parametrize("sigma_y", [0.1, 0.5])
-def test_prox_matches_dense_normal_equations(name, kw, sigma_y):
+def test_prox_matches_dense_normal_equations(name, kw):
   op = ops.make_operator(name, SHAPE, **kw)
   _, y, v = _data(op)
   lam = jnp.array([0.05, 1.0, 7.0])  # per example
+  sigma_y = jnp.array([0.1, 0.5, 0.1])  # per example too
   u = jax.jit(op.prox)(v, y, lam, sigma_y)
   a = np.asarray(dense_matrix(op.forward, SHAPE), np.float64)
   d = a.shape[1]
   for i in range(3):
+    s2 = float(sigma_y[i]) ** 2
     # argmin ||y - A x||^2/(2 s^2) + ||x - v||^2/(2 lam) solves
     # (A^T A / s^2 + I / lam) x = A^T y / s^2 + v / lam.
-    lhs = a.T @ a / sigma_y**2 + np.eye(d) / float(lam[i])
-    rhs = a.T @ np.asarray(y[i], np.float64).ravel() / sigma_y**2 + np.asarray(
-      v[i]
-    ).ravel() / float(lam[i])
+    lhs = a.T @ a / s2 + np.eye(d) / float(lam[i])
+    rhs = a.T @ np.asarray(y[i], np.float64).ravel() / s2 + np.asarray(v[i]).ravel() / float(lam[i])
     ref = np.linalg.solve(lhs, rhs)
     np.testing.assert_allclose(
       np.asarray(u[i]).ravel(), ref, atol=2e-5 * max(1.0, np.abs(ref).max())
     )
   # Scalar lam broadcasts like a constant vector.
-  np.testing.assert_allclose(
-    op.prox(v, y, 1.0, sigma_y), op.prox(v, y, jnp.ones(3), sigma_y), atol=1e-5
-  )
+  np.testing.assert_allclose(op.prox(v, y, 1.0, 0.2), op.prox(v, y, jnp.ones(3), 0.2), atol=1e-5)
 
 
 def test_downsample_cg_is_exact_in_one_iteration():
@@ -109,7 +106,7 @@ def test_kernels_and_constants():
     op = ops.make_operator(name, SHAPE, **kw)
     np.testing.assert_allclose(op.forward(const), 0.3, atol=1e-6)
   box = ops.make_operator("inpaint_box", SHAPE)
-  assert float(box.mask.sum()) == 8 * 12 - 4 * 4
+  assert float(box.mask.sum()) == 8 * 8 - 4 * 4
   with pytest.raises(ValueError):
     ops.make_operator("nope", SHAPE)
 
