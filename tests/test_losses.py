@@ -1,0 +1,161 @@
+"""Equivalences between methods (ALGORITHMS.md sections 4-6), checked on gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from emd_jax.diffusion import denoise_xt
+from emd_jax.distill import distances
+from emd_jax.distill.estep import langevin_estep
+from emd_jax.distill.losses import LossSpec, emd_direction, generator_loss
+from emd_jax.nets.mlp import MLPDenoiser
+
+B, D = 32, 3
+
+
+@pytest.fixture(scope="module")
+def problem():
+  """A small MLP generator and two different MLP denoisers (teacher, fake)."""
+  net = MLPDenoiser(dim=D, hidden=16, depth=1, emb_dim=8)
+  keys = jax.random.split(jax.random.PRNGKey(0), 6)
+  x = jnp.zeros((1, D))
+  init = lambda k: net.init(k, x, jnp.ones((1,)))["params"]  # noqa: E731
+  gen_p, teacher_p, fake_p = init(keys[0]), init(keys[1]), init(keys[2])
+  apply = lambda p, xx, s, lab=None: net.apply({"params": p}, xx, s, lab)  # noqa: E731
+  z = 2.5 * jax.random.normal(keys[3], (B, D))
+  eps = jax.random.normal(keys[4], (B, D))
+  sigma = jnp.exp(jax.random.normal(keys[5], (B,)) - 0.5)
+  alpha = 1.0 / jnp.sqrt(1.0 + sigma**2)  # VP, so alpha is not 1
+  sigma_t = sigma * alpha
+  return dict(
+    apply=apply, gen_p=gen_p, z=z, eps=eps, alpha=alpha, sigma=sigma_t,
+    teacher=lambda xx, s, lab=None: apply(teacher_p, xx, s),
+    fake=lambda xx, s, lab=None: apply(fake_p, xx, s),
+  )
+
+
+def _grad(pb, spec, estep=None, gamma_eps=0.0, num_estep=0, eps=None):
+  def loss_of_params(p):
+    x0 = pb["apply"](p, pb["z"], jnp.full((B,), 2.5))
+    return generator_loss(
+      spec, x0, teacher_fn=pb["teacher"], fake_fn=pb["fake"], alpha=pb["alpha"], sigma=pb["sigma"],
+      eps=pb["eps"] if eps is None else eps, estep=estep, gamma_eps=gamma_eps, num_estep=num_estep,
+    )[0]
+
+  return jax.grad(loss_of_params)(pb["gen_p"])
+
+
+def _estep_k1(pb, gamma):
+  x0 = pb["apply"](pb["gen_p"], pb["z"], jnp.full((B,), 2.5))
+  return langevin_estep(
+    jax.random.PRNGKey(7), pb["eps"], pb["z"], None, pb["teacher"], pb["fake"], pb["alpha"], pb["sigma"],
+    num_steps=1, gamma_eps=gamma, gamma_z=0.0, x0=x0,
+  )
+
+
+def _assert_tree_close(a, b, rtol=1e-6, atol=1e-9):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+def _flat(t):
+  return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(t)])
+
+
+def test_emd_k1_equals_gamma_times_diff_instruct(problem):
+  """EMD (K=1, NC, gamma_z=0) with w = sigma^2/alpha^2 == gamma_eps x Diff-Instruct (unit weight)."""
+  gamma = 0.3
+  est = _estep_k1(problem, gamma)
+  g_emd = _grad(problem, LossSpec("emd", "linear", "sigma2"), est, gamma, 1)
+  g_di = _grad(problem, LossSpec("di", "linear", "one"))
+  a, b = _flat(g_emd), gamma * _flat(g_di)
+  assert float(jnp.linalg.norm(b)) > 1e-3
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7 * float(jnp.abs(b).max()) + 1e-9)
+  # And with the EMD weight w = 1 the two differ by the score-unit factor alpha^2 / sigma^2.
+  g_emd_one = _grad(problem, LossSpec("emd", "linear", "one"), est, gamma, 1)
+  g_di_inv = _grad(problem, LossSpec("di", "linear", "inv_sigma2"))
+  np.testing.assert_allclose(_flat(g_emd_one), gamma * _flat(g_di_inv), rtol=1e-4, atol=1e-6)
+
+
+def test_sim_l2_equals_sid_with_alpha_one(problem):
+  """SIM with d = ||y||^2 (d' = 2y) is twice SiD's loss at alpha = 1, gradients included."""
+  g_sim = _grad(problem, LossSpec("sim", "l2"))
+  g_sid = _grad(problem, LossSpec("sid", "l2", sid_alpha=1.0))
+  np.testing.assert_allclose(_flat(g_sim), 2.0 * _flat(g_sid), rtol=1e-5, atol=1e-7)
+  g_sid12 = _grad(problem, LossSpec("sid", "l2", sid_alpha=1.2))
+  assert float(jnp.linalg.norm(_flat(g_sid12) - _flat(g_sid))) > 1e-4  # alpha matters
+
+
+def test_pseudo_huber_tends_to_l2_over_c(problem):
+  """d'_PH(y) = y / sqrt(|y|^2 + c^2) -> y / c = d'_L2(y) / (2c) as c grows."""
+  y = jax.random.normal(jax.random.PRNGKey(0), (4, 5))
+  for c in (1e2, 1e4):
+    np.testing.assert_allclose(c * distances.direction("pseudo_huber", y, c=c), y, rtol=1e-3 if c == 1e2 else 1e-7)
+  huge = 1e4 / np.sqrt(D)  # LossSpec's huber_c is per sqrt(dimension)
+  g_ph = _grad(problem, LossSpec("sim", "pseudo_huber", huber_c=huge))
+  g_l2 = _grad(problem, LossSpec("sim", "l2"))
+  np.testing.assert_allclose(1e4 * _flat(g_ph), 0.5 * _flat(g_l2), rtol=2e-3, atol=1e-6)
+
+
+def test_default_loss_at_k1_is_pseudo_huber_diff_instruct_direction(problem):
+  """EMD + pseudo-Huber at K = 1: v = D_T - D_psi exactly, direction d'(D_T - D_psi)."""
+  gamma = 0.25
+  est = _estep_k1(problem, gamma)
+  spec = LossSpec("emd", "pseudo_huber", "one", huber_c=0.03)
+  c = emd_direction(spec, est, problem["alpha"], problem["sigma"], gamma, 1)
+  x0 = problem["apply"](problem["gen_p"], problem["z"], jnp.full((B,), 2.5))
+  x_t = problem["alpha"][:, None] * x0 + problem["sigma"][:, None] * problem["eps"]
+  gap = denoise_xt(problem["teacher"], x_t, problem["alpha"], problem["sigma"]) - denoise_xt(
+    problem["fake"], x_t, problem["alpha"], problem["sigma"]
+  )
+  expected = distances.direction("pseudo_huber", gap, c=0.03 * np.sqrt(D))
+  np.testing.assert_allclose(c, expected, rtol=1e-4, atol=1e-6)
+  # With d' = identity, v is EMD's linear direction (alpha/sigma) eps_nc up to the per-noise-level
+  # constant (alpha/sigma)^2 (1 - (1-g)^K).
+  lin = emd_direction(LossSpec("emd", "linear"), est, problem["alpha"], problem["sigma"], gamma, 1)
+  scale = (problem["sigma"] / problem["alpha"])[:, None] ** 2 / gamma
+  np.testing.assert_allclose(lin * scale, gap, rtol=1e-4, atol=1e-6)
+
+
+def test_emd_normalised_direction_is_k_invariant_for_constant_drift():
+  """v = (sigma/alpha) eps_nc / (1 - (1-g)^K) is the same for any K when d is constant."""
+  shift = jnp.array([0.2, -0.1, 0.05])
+  teacher = lambda x, s, lab=None: 0.5 * x + shift  # noqa: E731
+  fake = lambda x, s, lab=None: 0.5 * x  # noqa: E731
+  eps0 = jax.random.normal(jax.random.PRNGKey(0), (8, 3))
+  z0 = jax.random.normal(jax.random.PRNGKey(1), (8, 3))
+  alpha, sigma = jnp.full((8,), 0.9), jnp.full((8,), 0.4)
+  spec = LossSpec("emd", "pseudo_huber", huber_c=0.1)
+  outs = []
+  for k, g in [(1, 0.5), (4, 0.2), (16, 0.05)]:
+    est = langevin_estep(jax.random.PRNGKey(k), eps0, z0, None, teacher, fake, alpha, sigma,
+                         num_steps=k, gamma_eps=g, x0=z0)
+    outs.append(emd_direction(spec, est, alpha, sigma, g, k))
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4)
+  np.testing.assert_allclose(outs[0], outs[2], rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["l2", "power", "pseudo_huber", "huber", "l1"])
+def test_directions_are_gradients_of_distances(name):
+  y = jax.random.normal(jax.random.PRNGKey(3), (3, 4)) * 0.3
+  auto = jax.grad(lambda v: jnp.sum(distances.distance(name, v, c=0.5, power=4, delta=0.2)))(y)
+  np.testing.assert_allclose(distances.direction(name, y, c=0.5, power=4, delta=0.2), auto, rtol=1e-5, atol=1e-6)
+
+
+def test_dmd_normalises_by_mean_abs_error(problem):
+  g_di = _grad(problem, LossSpec("di", "linear", "one"))
+  g_dmd = _grad(problem, LossSpec("dmd", "linear", "one"))
+  # Both point the same way per example, so the full gradients are positively correlated, not equal.
+  a, b = _flat(g_di), _flat(g_dmd)
+  assert float(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b))) > 0.5
+  assert float(jnp.linalg.norm(a - b)) > 1e-4
+
+
+def test_unknown_names_raise():
+  with pytest.raises(ValueError, match="unknown loss.name"):
+    LossSpec("foo")
+  with pytest.raises(ValueError, match="unknown loss.distance"):
+    LossSpec("sim", "cosine")
+  with pytest.raises(ValueError, match="even"):
+    distances.direction("power", jnp.ones((1, 2)), power=3)
