@@ -38,16 +38,19 @@ def dense_matrix(fn: Callable[[Array], Array], in_shape: Sequence[int]) -> Array
   return out.T
 
 
-def gaussian_denoise(mean: Array, cov: Array, x: Array, sigma: Array) -> Array:
+def gaussian_denoise(
+  mean: Array, cov: Array, x: Array, sigma: Array, eig: tuple[Array, Array] | None = None
+) -> Array:
   """Exact denoiser of `N(mean, cov)`: `mean + cov (cov + sigma^2 I)^{-1} (x - mean)`.
 
   `x` `[B, ...]` (flattened internally to `[B, d]`), `mean` `[d]` or `[B, d]`,
-  `cov` `[d, d]`, `sigma` scalar or `[B]`. Uses an eigendecomposition of `cov`,
-  so `sigma -> 0` is exact (`D(x, 0) = x` for full-rank `cov`).
+  `cov` `[d, d]`, `sigma` scalar or `[B]`. Uses an eigendecomposition of `cov`
+  (pass a precomputed `eig = jnp.linalg.eigh(cov)` to skip it), so `sigma -> 0`
+  is exact (`D(x, 0) = x` for full-rank `cov`).
   """
   b = x.shape[0]
   xf = x.reshape(b, -1).astype(jnp.float32)
-  evals, evecs = jnp.linalg.eigh(cov)
+  evals, evecs = jnp.linalg.eigh(cov) if eig is None else eig
   evals = jnp.clip(evals, 0.0)
   s2 = expand_to(jnp.asarray(sigma, jnp.float32) ** 2, xf)  # [B, 1] or scalar
   z = (xf - mean) @ evecs  # [B, d] in the eigenbasis
@@ -90,9 +93,13 @@ class GaussianPrior:
   def dim(self) -> int:
     return int(np.prod(self.image_shape))
 
+  def __post_init__(self):
+    # Cached eigendecomposition: the denoiser is called inside sampler loops.
+    object.__setattr__(self, "_eig", jnp.linalg.eigh(self.cov))
+
   def denoise(self, x: Array, sigma: Array, labels=None) -> Array:
     del labels
-    return gaussian_denoise(self.mean, self.cov, x, sigma)
+    return gaussian_denoise(self.mean, self.cov, x, sigma, self._eig)
 
   def sample(self, rng: Array, num: int) -> Array:
     """`[num, *image_shape]` exact samples."""
@@ -107,7 +114,8 @@ class GaussianPrior:
   def posterior_denoiser(self, a: Array, y: Array, sigma_y: float | Array):
     """The exact conditional denoiser `(x_t, sigma) -> E[x0 | x_t, y]` as a closure."""
     m_y, c_y = self.posterior(a, y, sigma_y)
-    return lambda x, sigma, labels=None: gaussian_denoise(m_y, c_y, x, sigma)
+    eig = jnp.linalg.eigh(c_y)
+    return lambda x, sigma, labels=None: gaussian_denoise(m_y, c_y, x, sigma, eig)
 
 
 def smooth_prior(

@@ -2,7 +2,10 @@
 
 `data_range` is the width of the value range: 2.0 for images in [-1, 1]
 (the project's convention, the default), 1.0 for [0, 1], 255 for uint8 scale.
-Both functions return one value per image, `[B]`.
+Both functions return one value per image, `[B]`. SSIM's luminance term is not
+shift invariant, so `ssim` first shifts images to `[0, data_range]`
+(`data_min`, default -1 when `data_range == 2`, else 0): SSIM of [-1, 1] images
+equals SSIM of the same images mapped to [0, 1], as usually reported.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def ssim(
   x: Array,
   ref: Array,
   data_range: float = 2.0,
+  data_min: float | None = None,
   window_size: int = 11,
   window_std: float = 1.5,
   k1: float = 0.01,
@@ -58,8 +62,10 @@ def ssim(
   'valid' filtering (no padding), statistics per channel, the SSIM map averaged
   over positions and channels. `C1 = (k1 L)^2`, `C2 = (k2 L)^2`, `L = data_range`.
   """
-  x = x.astype(jnp.float32)
-  ref = ref.astype(jnp.float32)
+  if data_min is None:
+    data_min = -1.0 if data_range == 2.0 else 0.0
+  x = x.astype(jnp.float32) - data_min
+  ref = ref.astype(jnp.float32) - data_min
   size = min(window_size, x.shape[1], x.shape[2])
   size = size if size % 2 == 1 else size - 1
   g = jnp.asarray(_gaussian_window(size, window_std))
