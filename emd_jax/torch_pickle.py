@@ -42,6 +42,8 @@ _STORAGE_DTYPES = {
   "BoolStorage": np.bool_,
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+# How `torch.save(..., _use_new_zipfile_serialization=False)` starts (magic, protocol 2).
+_LEGACY_PREFIX = pickle.dumps(_LEGACY_MAGIC, protocol=2)
 
 
 class PersistentObject:
@@ -130,6 +132,13 @@ def _reconstructor(cls, base, state=None):
   return cls()
 
 
+def _codecs_encode(text: str, encoding: str = "utf-8") -> bytes:
+  """How protocol-2 pickles store bytes: `_codecs.encode(text, 'latin1')`."""
+  if encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
+    raise pickle.UnpicklingError(f"unexpected encoding {encoding!r}")
+  return text.encode(encoding)
+
+
 def _numpy_scalar(dtype, data: bytes):
   return np.frombuffer(data, dtype)[0]
 
@@ -146,6 +155,7 @@ class _Unpickler(pickle.Unpickler):
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
+    ("_codecs", "encode"): _codecs_encode,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
@@ -185,9 +195,10 @@ def load_legacy_bytes(data: bytes):
   """Parses a legacy (non-zip) `torch.save` stream, as inside EDM pickles."""
   if data[:2] == b"PK":
     return load_zip(io.BytesIO(data))
-  f = io.BytesIO(data)
-  if _restricted_load(f) != _LEGACY_MAGIC:
+  if not data.startswith(_LEGACY_PREFIX):
     raise pickle.UnpicklingError("not a torch legacy serialization (bad magic number)")
+  f = io.BytesIO(data)
+  _restricted_load(f)  # magic number
   _restricted_load(f)  # protocol version
   sys_info = _restricted_load(f)
   if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
@@ -252,9 +263,6 @@ def load_file(path: str) -> Any:
     data = fh.read()
   if data[:2] == b"PK":
     return load_zip(io.BytesIO(data))
-  try:
+  if data.startswith(_LEGACY_PREFIX):
     return load_legacy_bytes(data)
-  except pickle.UnpicklingError as e:
-    if "magic number" not in str(e):
-      raise
-  return _restricted_load(io.BytesIO(data))
+  return _restricted_load(io.BytesIO(data))  # a plain pickle, e.g. EDM's network-*.pkl

@@ -62,7 +62,7 @@ DHARIWAL_DEFAULTS = dict(
 )
 # Preconditioning arguments (EDMPrecond / VPPrecond / VEPrecond) and their defaults.
 PRECOND_DEFAULTS = {
-  "edm": dict(sigma_data=0.5, sigma_min=0.0, sigma_max=float("inf")),
+  "edm": dict(sigma_data=0.5, sigma_min=0.0, sigma_max=None),  # None: unbounded (EDM's inf)
   "vp": dict(beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5),
   "ve": dict(sigma_min=0.02, sigma_max=100.0),
 }
@@ -421,6 +421,8 @@ def complete_spec(spec: dict) -> dict:
   out.setdefault("sigma_data", 0.5)
   out.update(spec)
   out["precond"] = precond
+  if out.get("sigma_max") == float("inf"):
+    out["sigma_max"] = None  # keeps teacher.json strict JSON
   out.setdefault("out_channels", out["in_channels"])
   out.setdefault("dtype", "float32")
   for key in ("channel_mult", "attn_resolutions", "resample_filter"):

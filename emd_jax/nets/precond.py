@@ -59,7 +59,7 @@ class EDMPrecond(_Precond):
 
   sigma_data: float = 0.5
   sigma_min: float = 0.0
-  sigma_max: float = float("inf")
+  sigma_max: float | None = None  # None: unbounded
 
   def coefficients(self, sigma):
     sd = self.sigma_data
