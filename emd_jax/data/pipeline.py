@@ -273,12 +273,16 @@ def _in_memory_iterator(
 def _streaming_iterator(
   cfg: Any, split: str, seed: int, start_step: int, local_batch: int, pi: int, pc: int
 ) -> Iterator[Batch]:
-  """Per-process streamed epochs, epoch `e` shuffled with seed (seed, e, process)."""
+  """Per-process streamed epochs, epoch `e` shuffled with seed (seed, e, process).
+
+  TFDS file order (for multi-file data sets) is shuffled per epoch with its
+  own derived seed, then examples go through the shuffle buffer.
+  """
   sub = _process_split(split, pi, pc)
-  base = _raw_source(cfg, sub)
-  n = int(base.cardinality().numpy())
+  source = lambda e: _raw_source(cfg, sub, seed_for(seed, "files", e, pi))
+  n = int(source(0).cardinality().numpy())
   if n < 0:
-    n = int(base.reduce(0, lambda c, _: c + 1).numpy())
+    n = int(source(0).reduce(0, lambda c, _: c + 1).numpy())
   buffer = int(_get(cfg, "shuffle_buffer", 10000))
   prep = _preprocess_fn(cfg)
   epoch, offset = divmod(start_step * local_batch, n)
@@ -286,7 +290,7 @@ def _streaming_iterator(
   def examples() -> Iterator[Batch]:
     e, skip = epoch, offset
     while True:
-      ds = base.shuffle(buffer, seed=seed_for(seed, e, pi), reshuffle_each_iteration=False)
+      ds = source(e).shuffle(buffer, seed=seed_for(seed, e, pi), reshuffle_each_iteration=False)
       ds = ds.skip(skip).batch(1024).map(prep).prefetch(2)
       yield from ds.as_numpy_iterator()
       e, skip = e + 1, 0
