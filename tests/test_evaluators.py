@@ -138,6 +138,10 @@ def test_evaluate_images_real_vs_noise():
   noise = np.random.default_rng(0).uniform(-1, 1, real.shape).astype(np.float32)
   bad = frechet.evaluate_images(noise)
   assert bad["fd"] > 20 * good["fd"] and bad["precision"] < 0.05
+  evaluator = frechet.make_image_evaluator("digits")
+  assert evaluator(real)["fd"] == pytest.approx(good["fd"])
+  with pytest.raises(ValueError, match="unknown image evaluator"):
+    frechet.make_image_evaluator("nope")
   ones = real[labels == 1]
   collapsed = frechet.evaluate_images(ones)
   assert collapsed["coverage"] <= 0.2 and collapsed["recall"] < 0.4 and collapsed["class_tv"] > 0.7

@@ -156,3 +156,19 @@ class DigitsEvaluator:
     return evaluate_images(
       images, labels, layout=self.layout, reference_split=self.reference_split, k=self.k
     )
+
+
+def make_image_evaluator(name: str, **kwargs: Any):
+  """Image evaluator by config name: 'digits' -> `DigitsEvaluator(**kwargs)`,
+  'inception_fid' -> `inception.InceptionEvaluator(weights_npz=..., reference_stats=...)`.
+
+  Every evaluator is called as `evaluator(images [N,H,W,C] in [-1,1], labels=None)`
+  and returns a dict of scalars (plus arrays such as `class_hist`).
+  """
+  if name == DigitsEvaluator.name:
+    return DigitsEvaluator(**kwargs)
+  if name == "inception_fid":
+    from emd_jax.evaluators import inception
+
+    return inception.InceptionEvaluator(**kwargs)
+  raise ValueError(f"unknown image evaluator {name!r}; expected 'digits' or 'inception_fid'")
