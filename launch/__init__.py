@@ -1,0 +1,1 @@
+"""Launchers: TPU VM pods (`tpu_vm.py`) and local multi-process runs (`local.py`)."""
