@@ -227,22 +227,20 @@ def test_diffpir_nfe_and_mean(problem):
   """
   prior, op, a, _, y, sigma_y = problem
   den, log = _recording(prior.denoise)
-  cfg9 = baselines.DiffPIRConfig(lam=1.0, zeta=1.0, nfe=9)
-  baselines.diffpir_sample(den, op, y, jax.random.PRNGKey(0), sigma_y=sigma_y, config=cfg9)
-  jax.effects_barrier()
-  assert len(log) == 9
   m_y, _ = prior.posterior(a, y, sigma_y)
   b = 1000
   yb = jnp.repeat(y, b, axis=0)
 
-  def mean_err(nfe):
+  def mean_err(nfe, denoise):
     cfg = baselines.DiffPIRConfig(lam=1.0, zeta=1.0, nfe=nfe)
     run = jax.jit(
-      lambda r: baselines.diffpir_sample(prior.denoise, op, yb, r, sigma_y=sigma_y, config=cfg)
+      lambda r: baselines.diffpir_sample(denoise, op, yb, r, sigma_y=sigma_y, config=cfg)
     )
     return float(jnp.abs(run(jax.random.PRNGKey(1)).reshape(b, D).mean(0) - m_y[0]).max())
 
-  e9, e100 = mean_err(9), mean_err(100)
+  e9, e100 = mean_err(9, den), mean_err(100, prior.denoise)
+  jax.effects_barrier()
+  assert len(log) == 9  # one denoiser call per step
   assert e100 < 0.07, (e9, e100)
   assert e100 < 0.7 * e9, (e9, e100)
   zs = baselines.unfolded_zero_shot(
@@ -277,3 +275,48 @@ def test_psnr_ssim_sanity():
   s01 = metrics.ssim((noisy + 1) / 2, (x + 1) / 2, data_range=1.0)
   np.testing.assert_allclose(s1, s01, rtol=1e-4)
   assert bool(jnp.all(s1 < 0.95)) and bool(jnp.all(metrics.ssim(-x, x) < 0))
+
+
+def test_unfolded_training_loss_trains_block_parameters(problem):
+  """The teacher-forced loss is per example, differentiable, and Adam on (log lam,
+  log t_delta) lowers it on a fixed batch from the Gaussian prior."""
+  import optax
+
+  prior, op, _, _, _, sigma_y = problem
+  x = prior.sample(jax.random.PRNGKey(8), 64)
+  rng = jax.random.PRNGKey(9)
+  params = unfolded.default_unfolded_params(3, 3)
+
+  @jax.jit
+  def losses(p):
+    lx0, aux = unfolded.unfolded_training_loss(
+      prior.denoise, op, x, rng, p, sigma_y=sigma_y, weighting="x0"
+    )
+    leps, _ = unfolded.unfolded_training_loss(prior.denoise, op, x, rng, p, sigma_y=sigma_y)
+    return lx0, leps, aux
+
+  loss_x0, loss_eps, aux = losses(params)
+  assert loss_x0.shape == (64,) and aux["x0_hat"].shape == x.shape
+  grid = unfolded.ddpm_sigmas(unfolded.DEFAULT_TIMESTEPS)
+  dist = np.abs(np.asarray(aux["sigma"])[:, None] - grid[None, :]).min(axis=1)
+  assert dist.max() < 1e-6 and len(np.unique(np.asarray(aux["sigma"]))) == 3
+  np.testing.assert_allclose(loss_eps, loss_x0 / aux["sigma"] ** 2, rtol=1e-5)
+  mean_loss = lambda p: losses(p)[0].mean()
+
+  tx = optax.adam(0.05)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(p, s):
+    val, g = jax.value_and_grad(
+      lambda q: unfolded.unfolded_training_loss(
+        prior.denoise, op, x, rng, q, sigma_y=sigma_y, weighting="x0"
+      )[0].mean()
+    )(p)
+    upd, s = tx.update(g, s, p)
+    return optax.apply_updates(p, upd), s, val
+
+  p = params
+  for _ in range(20):
+    p, state, _ = step(p, state)
+  assert float(mean_loss(p)) < 0.9 * float(mean_loss(params))

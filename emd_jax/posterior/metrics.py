@@ -10,6 +10,8 @@ equals SSIM of the same images mapped to [0, 1], as usually reported.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,7 @@ import numpy as np
 Array = jax.Array
 
 
+@functools.partial(jax.jit, static_argnames=("data_range",))
 def psnr(x: Array, ref: Array, data_range: float = 2.0) -> Array:
   """`10 log10(data_range^2 / mse)` per image `[B]`; identical images give `inf`."""
   err = jnp.mean(
@@ -46,6 +49,9 @@ def _filter(x: Array, g: Array) -> Array:
   )
 
 
+@functools.partial(
+  jax.jit, static_argnames=("data_range", "data_min", "window_size", "window_std", "k1", "k2")
+)
 def ssim(
   x: Array,
   ref: Array,

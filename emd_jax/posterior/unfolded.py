@@ -114,7 +114,7 @@ def unfolded_blocks(
   Args:
     x_t: `[B, H, W, C]` state in the EDM frame at level `sigma_t` (scalar or `[B]`).
     v0: `[B, H, W, C]` initial estimate for the first data step.
-    lam, t_delta: `[K]` per-block prox step and re-noise level (positive).
+    lam, t_delta: `[K]` or `[K, B]` per-block prox step and re-noise level (positive).
   Returns:
     `(x0_hat [B, H, W, C], per_block [K, B, H, W, C])`, the last and all block outputs.
   This is also the unit a trainer unrolls for one outer step.
@@ -124,14 +124,16 @@ def unfolded_blocks(
 
   def block(v, inputs):
     k, lam_k, td_k = inputs
+    lam_k = jnp.broadcast_to(lam_k, (batch,)).astype(v.dtype)  # [B]
+    td_k = jnp.broadcast_to(td_k, (batch,)).astype(v.dtype)  # [B]
     if xt_likelihood:
       lam_eff = 1.0 / (1.0 / lam_k + inv_st2)  # [B]
-      centre = expand_to(lam_eff, v) * (v / lam_k + x_t * expand_to(inv_st2, x_t))
+      centre = expand_to(lam_eff, v) * (v / expand_to(lam_k, v) + x_t * expand_to(inv_st2, x_t))
       u = operator.prox(centre, y, lam_eff, sigma_y)
     else:
       u = operator.prox(v, y, lam_k, sigma_y)
     noise = jax.random.normal(jax.random.fold_in(rng, k), u.shape, u.dtype)
-    x0 = denoise(u + td_k * noise, jnp.full((batch,), td_k, u.dtype), labels)
+    x0 = denoise(u + expand_to(td_k, u) * noise, td_k, labels)
     return x0, x0
 
   ks = jnp.arange(lam.shape[0])
@@ -205,3 +207,57 @@ def unfolded_sample(
   if return_aux:
     return out, {"x0_hat": x0_hats, "sigma": sigmas}
   return out
+
+
+def unfolded_training_loss(
+  denoise: DenoiseFn,
+  operator: LinearOperator,
+  x: Array,
+  rng: Array,
+  params: dict[str, Array],
+  num_outer: int = 3,
+  num_inner: int = 3,
+  sigma_y: float | Array = 0.05,
+  timesteps=DEFAULT_TIMESTEPS,
+  labels=None,
+  xt_likelihood: bool = True,
+  weighting: str = "eps",
+) -> tuple[Array, dict[str, Array]]:
+  """Teacher-forced regression term of UD2M training, per example `[B]`.
+
+  For clean `x` `[B, H, W, C]`: draw an outer index `n ~ U{0..N-1}` per example,
+  `x_t = x + sigma_n eps`, `y = A x + sigma_y n'`, and run that outer step's K
+  blocks from `v0 = backproject(y)` (the sampler's `init="backproject"`).
+  `weighting="eps"` returns the noise-prediction error
+  `mean((eps_hat - eps)^2) = mean((x0_hat - x)^2) / sigma_n^2`; `"x0"` returns
+  `mean((x0_hat - x)^2)`. The adversarial and perceptual terms live with the
+  trainer. Returns `(loss [B], {"x0_hat", "y", "sigma"})`.
+  """
+  if weighting not in ("eps", "x0"):
+    raise ValueError(f"unknown weighting {weighting!r}")
+  batch = x.shape[0]
+  r_n, r_eps, r_y, r_blocks = jax.random.split(rng, 4)
+  sigmas = jnp.asarray(ddpm_sigmas(timesteps))
+  n = jax.random.randint(r_n, (batch,), 0, num_outer)
+  sigma = sigmas[n]  # [B]
+  x_t = x + expand_to(sigma, x) * jax.random.normal(r_eps, x.shape, x.dtype)
+  y = operator.observe(r_y, x, sigma_y)
+  lam = jnp.exp(params["log_lam"]).reshape(num_outer, num_inner)[n].T  # [K, B]
+  t_delta = jnp.exp(params["log_t_delta"]).reshape(num_outer, num_inner)[n].T  # [K, B]
+  x0_hat, _ = unfolded_blocks(
+    denoise,
+    operator,
+    y,
+    x_t,
+    sigma,
+    operator.backproject(y),
+    r_blocks,
+    lam,
+    t_delta,
+    sigma_y,
+    labels,
+    xt_likelihood,
+  )
+  err = jnp.mean(jnp.reshape((x0_hat - x) ** 2, (batch, -1)), axis=-1)
+  loss = err / sigma**2 if weighting == "eps" else err
+  return loss, {"x0_hat": x0_hat, "y": y, "sigma": sigma}
