@@ -227,7 +227,7 @@ class FourierEmbedding(nn.Module):
 class UNetBlock(nn.Module):
   """EDM's unified residual block (DDPM++, NCSN++, ADM) with optional attention.
 
-  `init`, `init_zero`, `init_attn` are dicts of `init_mode/init_weight/init_bias`
+  `init_main` (EDM: `init`), `init_zero`, `init_attn`: dicts of `init_mode/init_weight/init_bias`
   as in EDM. The attention's qkv channels keep EDM's `(head, channel, 3)`
   interleaving so that weights load unchanged.
   """
@@ -246,7 +246,7 @@ class UNetBlock(nn.Module):
   resample_filter: Sequence[float] = (1, 1)
   resample_proj: bool = False
   adaptive_scale: bool = True
-  init: dict | None = None
+  init_main: dict | None = None  # EDM: `init` (renamed: `init` is a Module method)
   init_zero: dict | None = None
   init_attn: dict | None = None
   dtype: jnp.dtype = jnp.float32
@@ -260,7 +260,7 @@ class UNetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, emb: Array, train: bool = False) -> Array:
-    init = dict(self.init or {})
+    init = dict(self.init_main or {})
     init_zero = dict(self.init_zero if self.init_zero is not None else {"init_weight": 0})
     init_attn = dict(self.init_attn if self.init_attn is not None else init)
     cin, cout, dt = self.in_channels, self.out_channels, self.dtype

@@ -118,7 +118,7 @@ class SongUNet(nn.Module):
       resample_filter=rf,
       resample_proj=True,
       adaptive_scale=False,
-      init=init,
+      init_main=init,
       init_zero=init_zero,
       init_attn=init_attn,
     )
@@ -334,7 +334,7 @@ class DhariwalUNet(nn.Module):
       emb_channels=emb_channels,
       channels_per_head=64,
       dropout=self.dropout,
-      init=init,
+      init_main=init,
       init_zero=init_zero,
       dtype=dt,
     )
