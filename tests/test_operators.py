@@ -123,3 +123,41 @@ def test_observe_noise_and_jit_through_pytree():
   np.testing.assert_allclose(f(op, v, yy), op.prox(v, yy, 0.5, 0.1), atol=1e-6)
   np.testing.assert_allclose(f(op2, v, yy), op2.prox(v, yy, 0.5, 0.1), atol=1e-6)
   assert f._cache_size() == 1
+
+
+@pytest.mark.parametrize(
+  "name,kw",
+  [
+    ("gaussian_blur", dict(kernel_size=5, std=1.2)),
+    ("motion_blur", dict(kernel_size=5, seed=2)),
+    ("inpaint_random", {}),
+    ("downsample", dict(factor=4)),
+  ],
+)
+def test_spectral_decomposition(name, kw):
+  """`A = U S V^T`: V orthonormal, `S^+ U^T A x = V^T x` where S > 0 (else 0), S = svd(A)."""
+  op = ops.make_operator(name, SHAPE, **kw)
+  x, _, _ = _data(op)
+  xb = op.spectral(x)
+  np.testing.assert_allclose(op.inverse_spectral(xb), x, atol=1e-5)
+  s = jnp.broadcast_to(op.singular_values(), xb.shape[1:])
+  if jnp.iscomplexobj(xb):
+    # The rFFT half spectrum: columns other than 0 and W/2 stand for two frequencies.
+    w = np.full(xb.shape[2], 2.0)
+    w[0] = w[-1] = 1.0
+    weights = jnp.asarray(w)[None, None, :, None]
+    s_full = np.concatenate([np.asarray(s), np.asarray(s)[:, 1:-1]], axis=1)
+  else:
+    weights = 1.0
+    s_full = np.asarray(s)
+  np.testing.assert_allclose(jnp.sum(weights * jnp.abs(xb) ** 2), jnp.sum(x**2), rtol=1e-5)
+  yb = op.spectral_y(op.forward(x))
+  observed = s > 1e-6
+  # S ybar = U^T y = S V^T x (checked after multiplying by S: ybar divides by tiny S).
+  np.testing.assert_allclose(s * yb, s * xb, atol=1e-5)
+  np.testing.assert_allclose(jnp.where(observed, 0, yb), 0.0)
+  a = np.asarray(dense_matrix(op.forward, SHAPE), np.float64)
+  sv = np.linalg.svd(a, compute_uv=False)
+  ours = np.sort(s_full.ravel())[::-1]
+  np.testing.assert_allclose(ours[: len(sv)], sv, atol=1e-5)
+  np.testing.assert_allclose(ours[len(sv) :], 0.0, atol=1e-6)

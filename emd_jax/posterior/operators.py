@@ -9,6 +9,15 @@ sizes static), so it can be closed over or passed through `jax.jit`. Interface:
   observe(rng, x, sigma_y)   A x + sigma_y * n,  n ~ N(0, I)
   backproject(y)             a cheap image-space starting point (not the prox)
 
+and, for SVD-based restorers (DDRM), `A = U S V^T` in a fast orthonormal basis:
+
+  spectral(x)                V^T x          (blur: orthonormal rFFT; inpainting: identity;
+                                             downsampling: orthonormal DCT inside each block)
+  inverse_spectral(xb)       V xb
+  singular_values()          S, broadcastable against `spectral(x)`; 0 on the null space
+                             (and below `SPECTRAL_EPS`)
+  spectral_y(y)              S^+ U^T y      (0 where S = 0)
+
 `lam` and `sigma_y` are scalars or per-example `[B]`. Every prox solves the
 normal equations in the form `(lam A^T A + sigma_y^2 I) x = lam A^T y + sigma_y^2 v`,
 which stays well defined for `sigma_y = 0` (then the prox projects `v` onto
@@ -30,6 +39,10 @@ from flax import struct
 from emd_jax.diffusion import expand_to
 
 Array = jax.Array
+
+# Singular values below this count as zero (a blur's near-zero frequencies would
+# otherwise turn round-off into huge `spectral_y` values).
+SPECTRAL_EPS = 1e-6
 
 
 def _safe_div(num: Array, den: Array, fallback: Array) -> Array:
@@ -63,6 +76,18 @@ class LinearOperator:
   def prox(self, v: Array, y: Array, lam: float | Array, sigma_y: float | Array) -> Array:
     """Proximal data step by conjugate gradients (generic fallback)."""
     return prox_cg(self, v, y, lam, sigma_y, num_iters=getattr(self, "cg_iters", 20))
+
+  def spectral(self, x: Array) -> Array:
+    raise NotImplementedError(f"{type(self).__name__} has no fast SVD")
+
+  def inverse_spectral(self, xb: Array) -> Array:
+    raise NotImplementedError(f"{type(self).__name__} has no fast SVD")
+
+  def singular_values(self) -> Array:
+    raise NotImplementedError(f"{type(self).__name__} has no fast SVD")
+
+  def spectral_y(self, y: Array) -> Array:
+    raise NotImplementedError(f"{type(self).__name__} has no fast SVD")
 
 
 def prox_cg(
@@ -149,6 +174,14 @@ def motion_kernel(
   return (k / k.sum()).astype(np.float32)
 
 
+def _dct_matrix(n: int) -> np.ndarray:
+  """Orthonormal DCT-II matrix `[n, n]`; row 0 is the constant `1/sqrt(n)`."""
+  i = np.arange(n)
+  d = np.cos(np.pi * (2 * i[None, :] + 1) * i[:, None] / (2 * n)) * np.sqrt(2.0 / n)
+  d[0] /= np.sqrt(2.0)
+  return d.astype(np.float32)
+
+
 def _kernel_fft(kernel: np.ndarray, height: int, width: int) -> np.ndarray:
   """rFFT of a kernel zero-padded to `[H, W]` with its centre at pixel (0, 0): `[H, W//2+1, 1]`."""
   kh, kw = kernel.shape
@@ -201,6 +234,26 @@ class CircularBlur(LinearOperator):
     xf = _safe_div(num, den, vf)
     return jnp.fft.irfft2(xf, s=(h, w), axes=(1, 2)).astype(v.dtype)
 
+  # SVD: A = F^* diag(K) F with F the unitary DFT. The half spectrum of a real
+  # image stands for the full one: every per-frequency update with coefficients
+  # symmetric in frequency (functions of |K|) acts on both halves alike.
+  def spectral(self, x: Array) -> Array:
+    return jnp.fft.rfft2(x, axes=(1, 2), norm="ortho")
+
+  def inverse_spectral(self, xb: Array) -> Array:
+    h, w = self.image_shape[:2]
+    return jnp.fft.irfft2(xb, s=(h, w), axes=(1, 2), norm="ortho").real
+
+  def singular_values(self) -> Array:
+    s = jnp.abs(self.kernel_fft)  # [H, W//2+1, 1]
+    return jnp.where(s > SPECTRAL_EPS, s, 0.0)
+
+  def spectral_y(self, y: Array) -> Array:
+    k = self.kernel_fft
+    yb = jnp.fft.rfft2(y, axes=(1, 2), norm="ortho")
+    den = jnp.where(self.singular_values() > 0, jnp.abs(k) ** 2, 0.0)
+    return _safe_div(yb * jnp.conj(k), den * jnp.ones(yb.shape), jnp.zeros_like(yb))
+
 
 @struct.dataclass
 class Inpainting(LinearOperator):
@@ -225,6 +278,18 @@ class Inpainting(LinearOperator):
     den = lam_b * self.mask + s2
     return _safe_div(num, den * jnp.ones_like(v), v)
 
+  def spectral(self, x: Array) -> Array:
+    return x
+
+  def inverse_spectral(self, xb: Array) -> Array:
+    return xb
+
+  def singular_values(self) -> Array:
+    return self.mask
+
+  def spectral_y(self, y: Array) -> Array:
+    return y * self.mask
+
 
 @struct.dataclass
 class Downsample(LinearOperator):
@@ -234,6 +299,7 @@ class Downsample(LinearOperator):
   """
 
   factor: int = struct.field(pytree_node=False)
+  image_shape: tuple[int, int, int] = struct.field(pytree_node=False)
   cg_iters: int = struct.field(pytree_node=False, default=10)
 
   def forward(self, x: Array) -> Array:
@@ -252,6 +318,35 @@ class Downsample(LinearOperator):
 
   def prox(self, v: Array, y: Array, lam: float | Array, sigma_y: float | Array) -> Array:
     return prox_cg(self, v, y, lam, sigma_y, num_iters=self.cg_iters)
+
+  # SVD: inside each f x f block, the orthonormal 2-D DCT; its DC coefficient is
+  # f * mean(block), the only direction A sees (singular value 1/f).
+  def _blocks(self, x: Array) -> Array:
+    b, h, w, c = x.shape
+    f = self.factor
+    return x.reshape(b, h // f, f, w // f, f, c)
+
+  def spectral(self, x: Array) -> Array:
+    d = jnp.asarray(_dct_matrix(self.factor), x.dtype)
+    xb = jnp.einsum("ij,bhjwkc,lk->bhiwlc", d, self._blocks(x), d)
+    return xb.reshape(x.shape)
+
+  def inverse_spectral(self, xb: Array) -> Array:
+    d = jnp.asarray(_dct_matrix(self.factor), xb.dtype)
+    x = jnp.einsum("ji,bhjwkc,kl->bhiwlc", d, self._blocks(xb), d)
+    return x.reshape(xb.shape)
+
+  def singular_values(self) -> Array:
+    f = self.factor
+    dc = np.zeros((f, f), np.float32)
+    dc[0, 0] = 1.0 / f
+    return jnp.asarray(np.tile(dc, (self.image_shape[0] // f, self.image_shape[1] // f))[..., None])
+
+  def spectral_y(self, y: Array) -> Array:
+    b, hl, wl, c = y.shape
+    f = self.factor
+    out = jnp.zeros((b, hl, f, wl, f, c), y.dtype).at[:, :, 0, :, 0, :].set(f * y)
+    return out.reshape(b, hl * f, wl * f, c)
 
 
 # ----------------------------------------------------------------------------
@@ -306,7 +401,7 @@ def downsample(image_shape: Sequence[int], factor: int = 4, cg_iters: int = 10) 
   h, w = image_shape[:2]
   if h % factor or w % factor:
     raise ValueError(f"image {tuple(image_shape)} not divisible by factor {factor}")
-  return Downsample(factor=factor, cg_iters=cg_iters)
+  return Downsample(factor=factor, image_shape=tuple(image_shape), cg_iters=cg_iters)
 
 
 _REGISTRY: dict[str, Callable[..., LinearOperator]] = {
