@@ -10,10 +10,11 @@ from the latest checkpoint in DIR.
 from __future__ import annotations
 
 import importlib
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from emd_jax.cli import UserError, run_app
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (python, get_config()).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
@@ -27,10 +28,6 @@ JOBS = {
   "teacher": "emd_jax.teacher_train:train_and_evaluate",
   "ud2m": "emd_jax.posterior.train:train_and_evaluate",
 }
-
-
-class UserError(Exception):
-  """An error to report as one line, without a traceback."""
 
 
 def run(config, workdir: str) -> dict:
@@ -52,23 +49,17 @@ def main(argv):
     raise app.UsageError("--config is required")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # library INFO chatter (Orbax) stays off unless asked for
   from emd_jax import parallel
-  from emd_jax.config_validation import ConfigError
-  from emd_jax.train import TrainingError
 
-  try:
-    parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
-    run(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, UserError, TrainingError, FileNotFoundError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+  run(_CONFIG.value, _WORKDIR.value)
 
 
 def entry():
-  app.run(main)
+  from emd_jax.config_validation import ConfigError
+  from emd_jax.train import TrainingError
+
+  run_app(main, (ConfigError, TrainingError))
 
 
 if __name__ == "__main__":

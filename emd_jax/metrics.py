@@ -12,9 +12,7 @@ from clu import metric_writers
 
 def create_writer(workdir: str):
   """TensorBoard + logging writer on process 0; logging-only elsewhere."""
-  return metric_writers.create_default_writer(
-    workdir, just_logging=jax.process_index() > 0, asynchronous=True
-  )
+  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0, asynchronous=True)
 
 
 def _fmt_duration(seconds: float) -> str:

@@ -29,9 +29,7 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int]:
       raise ValueError(f"mesh.fsdp={fsdp} does not divide the {num_devices} devices")
     data = num_devices // fsdp
   if data < 1 or data * fsdp != num_devices:
-    raise ValueError(
-      f"mesh: data={data} x fsdp={fsdp} = {data * fsdp} devices, but {num_devices} are available"
-    )
+    raise ValueError(f"mesh: data={data} x fsdp={fsdp} = {data * fsdp} devices, but {num_devices} are available")
   return data, fsdp
 
 

@@ -13,7 +13,6 @@ also `images` (uint8 `[N, H, W, C]`), and `labels` for class-conditional models.
 from __future__ import annotations
 
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -124,11 +123,9 @@ def main(argv):
 
 
 def entry():
-  try:
-    app.run(main)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  from emd_jax.cli import run_app
+
+  run_app(main, (ValueError,))
 
 
 if __name__ == "__main__":

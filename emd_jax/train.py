@@ -60,8 +60,8 @@ def student_spec(config, teacher: Teacher) -> dict:
   return spec
 
 
-def build_setup(config) -> Setup:
-  teacher = teachers.from_config(config.teacher)
+def build_setup(config, teacher: Teacher | None = None) -> Setup:
+  teacher = teachers.from_config(config.teacher) if teacher is None else teacher
   spec = student_spec(config, teacher)
   module = nets.build(spec)
   loss = LossSpec(
@@ -119,7 +119,9 @@ def initial_student_params(config, setup: Setup, rng):
     dist=setup.step_cfg.fake_noise,
     sigma_data=teacher.sigma_data,
   )
-  logging.info("surrogate of the analytic teacher: %d steps, final weighted loss %.3g", config.teacher.surrogate_steps, float(loss))
+  logging.info(
+    "surrogate of the analytic teacher: %d steps, final weighted loss %.3g", config.teacher.surrogate_steps, float(loss)
+  )
   return params
 
 
@@ -136,7 +138,9 @@ def evaluate(config, setup: Setup, params, rng) -> tuple[dict, dict]:
   if setup.teacher.spec.get("kind") == "gmm":
     from emd_jax.evaluators.gmm import gmm_metrics, scatter_image
 
-    return gmm_metrics(np.asarray(x), jax.device_get(setup.teacher.params)), {"samples": scatter_image(np.asarray(x))[None]}
+    return gmm_metrics(np.asarray(x), jax.device_get(setup.teacher.params)), {
+      "samples": scatter_image(np.asarray(x))[None]
+    }
   return {}, {}
 
 
@@ -158,15 +162,45 @@ def export(config, setup: Setup, state: DistillState, workdir: str) -> str:
   )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def abstract_state(setup: Setup, key) -> DistillState:
+  """The state's shapes and dtypes, without computing anything."""
+  return jax.eval_shape(lambda p: create_state(key, p, setup.tx_gen, setup.tx_fake), _abstract_params(setup))
+
+
+def sharded_step(setup: Setup, mesh, abstract: DistillState):
+  """The jitted step with explicit shardings and a donated state.
+
+  Returns `(step_fn, state_shardings, teacher_shardings)`.
+  """
+  state_sh = parallel.tree_shardings(abstract, mesh)
+  teacher_sh = parallel.tree_shardings(setup.teacher.params, mesh)
+  step = make_train_step(
+    setup.step_cfg,
+    setup.net_apply,
+    setup.teacher.apply,
+    setup.tx_gen,
+    setup.tx_fake,
+    parallel.batch_sharding(mesh),
+  )
+  jitted = jax.jit(
+    step,
+    in_shardings=(state_sh, teacher_sh),
+    out_shardings=(state_sh, parallel.replicated(mesh)),
+    donate_argnums=0,
+  )
+  return jitted, state_sh, teacher_sh
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teacher: Teacher | None = None) -> dict:
   """Distils the configured teacher; resumes from `workdir` if it holds checkpoints.
 
-  Returns the last evaluation's scalars (plus `step`).
+  `teacher` overrides the config's teacher section (notebooks, tests).
+  Returns the last evaluation's scalars, `step`, and the final `state`.
   """
   config = ml_collections.ConfigDict(config)  # private, unlocked copy
   validate_distill(config)
   os.makedirs(workdir, exist_ok=True)
-  setup = build_setup(config)
+  setup = build_setup(config, teacher)
   mesh = parallel.make_mesh(config.mesh)
   parallel.check_batch(config.batch_size, mesh)
   base_key = jax.random.PRNGKey(config.seed)
@@ -174,11 +208,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.max_checkpoints)
   fingerprint = config_fingerprint(config, setup)
-  abstract = jax.eval_shape(
-    lambda p: create_state(k_state, p, setup.tx_gen, setup.tx_fake), _abstract_params(setup)
-  )
-  state_sh = parallel.tree_shardings(abstract, mesh)
-  teacher_sh = parallel.tree_shardings(setup.teacher.params, mesh)
+  abstract = abstract_state(setup, k_state)
+  train_step, state_sh, teacher_sh = sharded_step(setup, mesh, abstract)
   teacher_params = jax.device_put(setup.teacher.params, teacher_sh)
 
   latest = checkpointer.latest_step()
@@ -194,14 +225,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params = initial_student_params(config, setup, k_init)
     state = jax.device_put(create_state(k_state, params, setup.tx_gen, setup.tx_fake), state_sh)
 
-  train_step = jax.jit(
-    make_train_step(
-      setup.step_cfg, setup.net_apply, setup.teacher.apply, setup.tx_gen, setup.tx_fake, parallel.batch_sharding(mesh)
-    ),
-    in_shardings=(state_sh, teacher_sh),
-    out_shardings=(state_sh, parallel.replicated(mesh)),
-    donate_argnums=0,
-  )
   writer = metrics_lib.create_writer(workdir)
   if latest is None:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items() if isinstance(v, (int, float, str, bool))})
@@ -230,7 +253,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       scalars, images = evaluate(config, setup, state.gen_ema, jax.random.fold_in(k_eval, step))
       if scalars:
         writer.write_scalars(step, scalars)
-        metrics_lib.log_line(f"eval step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items() if "mass/" not in k))
+        metrics_lib.log_line(
+          f"eval step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items() if "mass/" not in k)
+        )
       if images:
         writer.write_images(step, images)
       last_eval = {**scalars, "step": step}

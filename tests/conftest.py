@@ -6,7 +6,18 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# One persistent compilation cache per test session: the same train step compiled by several
+# tests (identical shapes) is built once.
+jax.config.update(
+  "jax_compilation_cache_dir", os.environ.get("EMD_TEST_JAX_CACHE", tempfile.mkdtemp(prefix="emd-jax-cache-"))
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def pytest_addoption(parser):

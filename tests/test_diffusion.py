@@ -92,6 +92,7 @@ def test_heun_converges_to_the_exact_gaussian_marginal():
 def test_dsm_loss_is_zero_mean_error_for_exact_denoiser():
   """With the exact posterior-mean denoiser, the EDM loss equals its irreducible value."""
   s = 0.5  # data N(0, s^2): the weighted optimal loss is lambda * s^2 sigma^2 / (s^2 + sigma^2) = 1
+
   def exact(x, sigma, labels=None):
     return s**2 / (s**2 + sigma[:, None] ** 2) * x
 

@@ -3,9 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gaussian_models import gaussian_denoiser_apply, joint_posterior_moments, linear_generator_marginal
 
 from emd_jax.distill.estep import langevin_estep
-from gaussian_models import gaussian_denoiser_apply, joint_posterior_moments, linear_generator_marginal
 
 
 def test_noise_cancellation_removes_exactly_the_injected_noise():
@@ -19,15 +19,34 @@ def test_noise_cancellation_removes_exactly_the_injected_noise():
   z0 = jax.random.normal(jax.random.PRNGKey(1), (64, 2))
   for k, g in [(1, 0.3), (5, 0.1), (16, 0.5)]:
     res = langevin_estep(
-      jax.random.PRNGKey(k), eps0, z0, lambda z: z, teacher, fake, alpha, sigma,
-      num_steps=k, gamma_eps=g, x0=z0,
+      jax.random.PRNGKey(k),
+      eps0,
+      z0,
+      lambda z: z,
+      teacher,
+      fake,
+      alpha,
+      sigma,
+      num_steps=k,
+      gamma_eps=g,
+      x0=z0,
     )
     expected = (1 - (1 - g) ** k) * 2 * shift
     np.testing.assert_allclose(res.eps_nc, jnp.broadcast_to(expected, eps0.shape), atol=1e-5)
     # Without cancellation the same chain keeps its noise.
     off = langevin_estep(
-      jax.random.PRNGKey(k), eps0, z0, lambda z: z, teacher, fake, alpha, sigma,
-      num_steps=k, gamma_eps=g, x0=z0, noise_cancellation=False,
+      jax.random.PRNGKey(k),
+      eps0,
+      z0,
+      lambda z: z,
+      teacher,
+      fake,
+      alpha,
+      sigma,
+      num_steps=k,
+      gamma_eps=g,
+      x0=z0,
+      noise_cancellation=False,
     )
     np.testing.assert_allclose(off.eps - off.noise, res.eps_nc, atol=1e-5)
     assert float(jnp.std(off.eps_nc - res.eps_nc)) > 0.1
@@ -39,8 +58,9 @@ def test_k1_no_z_move_gives_gamma_times_score_gap():
   eps0 = jax.random.normal(jax.random.PRNGKey(0), (32, 3))
   z0 = jax.random.normal(jax.random.PRNGKey(1), (32, 3))
   alpha, sigma = jnp.full((32,), 0.8), jnp.linspace(0.1, 2.0, 32)
-  res = langevin_estep(jax.random.PRNGKey(2), eps0, z0, jnp.sin, teacher, fake, alpha, sigma,
-                       num_steps=1, gamma_eps=0.2, x0=jnp.sin(z0))
+  res = langevin_estep(
+    jax.random.PRNGKey(2), eps0, z0, jnp.sin, teacher, fake, alpha, sigma, num_steps=1, gamma_eps=0.2, x0=jnp.sin(z0)
+  )
   x_t = alpha[:, None] * jnp.sin(z0) + sigma[:, None] * eps0
   x_in, s_in = x_t / alpha[:, None], sigma / alpha
   d = (alpha / sigma)[:, None] * (teacher(x_in, s_in) - fake(x_in, s_in))
@@ -65,10 +85,18 @@ def test_long_chains_reach_the_exact_joint_posterior():
   @jax.jit
   def run(key):
     return langevin_estep(
-      key, eps0, z0, lambda z: z @ a_mat.T + b,
+      key,
+      eps0,
+      z0,
+      lambda z: z @ a_mat.T + b,
       lambda x, s, lab=None: gaussian_denoiser_apply(teacher_p, x, s),
       lambda x, s, lab=None: gaussian_denoiser_apply(fake_p, x, s),
-      alpha, sigma, num_steps=1500, gamma_eps=0.01, gamma_z=0.01, sigma_z=sigma_z,
+      alpha,
+      sigma,
+      num_steps=1500,
+      gamma_eps=0.01,
+      gamma_z=0.01,
+      sigma_z=sigma_z,
       noise_cancellation=False,
     )
 

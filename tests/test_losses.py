@@ -29,7 +29,12 @@ def problem():
   alpha = 1.0 / jnp.sqrt(1.0 + sigma**2)  # VP, so alpha is not 1
   sigma_t = sigma * alpha
   return dict(
-    apply=apply, gen_p=gen_p, z=z, eps=eps, alpha=alpha, sigma=sigma_t,
+    apply=apply,
+    gen_p=gen_p,
+    z=z,
+    eps=eps,
+    alpha=alpha,
+    sigma=sigma_t,
     teacher=lambda xx, s, lab=None: apply(teacher_p, xx, s),
     fake=lambda xx, s, lab=None: apply(fake_p, xx, s),
   )
@@ -39,8 +44,16 @@ def _grad(pb, spec, estep=None, gamma_eps=0.0, num_estep=0, eps=None):
   def loss_of_params(p):
     x0 = pb["apply"](p, pb["z"], jnp.full((B,), 2.5))
     return generator_loss(
-      spec, x0, teacher_fn=pb["teacher"], fake_fn=pb["fake"], alpha=pb["alpha"], sigma=pb["sigma"],
-      eps=pb["eps"] if eps is None else eps, estep=estep, gamma_eps=gamma_eps, num_estep=num_estep,
+      spec,
+      x0,
+      teacher_fn=pb["teacher"],
+      fake_fn=pb["fake"],
+      alpha=pb["alpha"],
+      sigma=pb["sigma"],
+      eps=pb["eps"] if eps is None else eps,
+      estep=estep,
+      gamma_eps=gamma_eps,
+      num_estep=num_estep,
     )[0]
 
   return jax.grad(loss_of_params)(pb["gen_p"])
@@ -49,13 +62,23 @@ def _grad(pb, spec, estep=None, gamma_eps=0.0, num_estep=0, eps=None):
 def _estep_k1(pb, gamma):
   x0 = pb["apply"](pb["gen_p"], pb["z"], jnp.full((B,), 2.5))
   return langevin_estep(
-    jax.random.PRNGKey(7), pb["eps"], pb["z"], None, pb["teacher"], pb["fake"], pb["alpha"], pb["sigma"],
-    num_steps=1, gamma_eps=gamma, gamma_z=0.0, x0=x0,
+    jax.random.PRNGKey(7),
+    pb["eps"],
+    pb["z"],
+    None,
+    pb["teacher"],
+    pb["fake"],
+    pb["alpha"],
+    pb["sigma"],
+    num_steps=1,
+    gamma_eps=gamma,
+    gamma_z=0.0,
+    x0=x0,
   )
 
 
 def _assert_tree_close(a, b, rtol=1e-6, atol=1e-9):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False):
     np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
 
@@ -129,8 +152,9 @@ def test_emd_normalised_direction_is_k_invariant_for_constant_drift():
   spec = LossSpec("emd", "pseudo_huber", huber_c=0.1)
   outs = []
   for k, g in [(1, 0.5), (4, 0.2), (16, 0.05)]:
-    est = langevin_estep(jax.random.PRNGKey(k), eps0, z0, None, teacher, fake, alpha, sigma,
-                         num_steps=k, gamma_eps=g, x0=z0)
+    est = langevin_estep(
+      jax.random.PRNGKey(k), eps0, z0, None, teacher, fake, alpha, sigma, num_steps=k, gamma_eps=g, x0=z0
+    )
     outs.append(emd_direction(spec, est, alpha, sigma, g, k))
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4)
   np.testing.assert_allclose(outs[0], outs[2], rtol=1e-4)

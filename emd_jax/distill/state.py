@@ -61,7 +61,7 @@ def create_state(rng: Array, student_params, tx_gen, tx_fake) -> DistillState:
   fake = copy(student_params)
   return DistillState(
     step=jnp.zeros((), jnp.int32),
-    rng=jnp.asarray(rng, jnp.uint32),
+    rng=jnp.array(rng, jnp.uint32),  # a copy: the state is donated
     gen_params=gen,
     gen_opt_state=tx_gen.init(gen),
     gen_ema=copy(student_params),

@@ -32,7 +32,7 @@ def fit_surrogate(
   steps: int,
   batch_size: int = 512,
   lr: float = 1e-3,
-  dist: NoiseDist = NoiseDist(),
+  dist: NoiseDist | None = None,
   sigma_data: float = 0.5,
 ):
   """Regresses `net_apply(params, ...)` onto the teacher. Returns `(params, final_loss)`.
@@ -41,6 +41,7 @@ def fit_surrogate(
   """
   if steps <= 0:
     return params, jnp.array(jnp.nan)
+  dist = NoiseDist() if dist is None else dist
   tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
 
   def loss_fn(p, key):
