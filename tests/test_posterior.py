@@ -90,18 +90,21 @@ def test_single_block_without_renoise_is_closed_form(problem):
   yy = jnp.concatenate([y, y])
   sig_t = jnp.array([0.7, 2.0])  # per-example levels, as in training
   lam = 0.2
-  out, per_block = unfolded.unfolded_blocks(
-    prior.denoise,
-    op,
-    yy,
-    xt,
-    sig_t,
-    jnp.concatenate([v0, v0]),
-    jax.random.PRNGKey(6),
-    jnp.array([lam]),
-    jnp.array([1e-4]),
-    sigma_y,
+  blocks = jax.jit(
+    lambda yy, xt, v: unfolded.unfolded_blocks(
+      prior.denoise,
+      op,
+      yy,
+      xt,
+      sig_t,
+      v,
+      jax.random.PRNGKey(6),
+      jnp.array([lam]),
+      jnp.array([1e-4]),
+      sigma_y,
+    )
   )
+  out, per_block = blocks(yy, xt, jnp.concatenate([v0, v0]))
   assert per_block.shape == (1, 2, *SHAPE)
   for i in range(2):
     ref, _ = _info_form_mean(
@@ -110,18 +113,20 @@ def test_single_block_without_renoise_is_closed_form(problem):
     np.testing.assert_allclose(np.asarray(out[i]).ravel(), ref, atol=2e-3)
   # Without the x_t likelihood, the N = K = 1 sampler is prox(backproject(y)).
   p = {"log_lam": jnp.log(jnp.array([lam])), "log_t_delta": jnp.log(jnp.array([1e-4]))}
-  s = unfolded.unfolded_sample(
-    prior.denoise,
-    op,
-    y,
-    jax.random.PRNGKey(7),
-    p,
-    1,
-    1,
-    sigma_y,
-    timesteps=(999,),
-    xt_likelihood=False,
-  )
+  s = jax.jit(
+    lambda yy: unfolded.unfolded_sample(
+      prior.denoise,
+      op,
+      yy,
+      jax.random.PRNGKey(7),
+      p,
+      1,
+      1,
+      sigma_y,
+      timesteps=(999,),
+      xt_likelihood=False,
+    )
+  )(y)
   np.testing.assert_allclose(s, op.prox(v0, y, lam, sigma_y), atol=2e-3)
 
 
@@ -199,7 +204,9 @@ def test_unfolded_sampler_nfe_and_levels(problem):
   params = unfolded.default_unfolded_params(3, 3)
   den, log = _recording(prior.denoise)
   yb = jnp.concatenate([y, y, y])
-  out, aux = unfolded.unfolded_sample(den, op, yb, jax.random.PRNGKey(0), params, sigma_y=sigma_y, return_aux=True)
+  out, aux = jax.jit(
+    lambda yy: unfolded.unfolded_sample(den, op, yy, jax.random.PRNGKey(0), params, sigma_y=sigma_y, return_aux=True)
+  )(yb)
   jax.effects_barrier()
   assert len(log) == 9  # N * K exactly
   np.testing.assert_allclose(log, np.exp(params["log_t_delta"]), rtol=1e-5)
@@ -306,7 +313,9 @@ def test_ddrm_structure(problem):
   y = ident_mask.observe(jax.random.PRNGKey(11), xs, 0.1)
   cfg = baselines.DDRMConfig(nfe=6)
   den, log = _recording(prior.denoise)
-  run = lambda op, d: baselines.ddrm_sample(d, op, y, jax.random.PRNGKey(12), sigma_y=0.1, config=cfg)
+  run = lambda op, d: jax.jit(
+    lambda yy: baselines.ddrm_sample(d, op, yy, jax.random.PRNGKey(12), sigma_y=0.1, config=cfg)
+  )(y)
   a = run(ident_blur, den)
   jax.effects_barrier()
   assert len(log) == 6
@@ -314,7 +323,9 @@ def test_ddrm_structure(problem):
   for name, kw in [("downsample", dict(factor=2))]:
     op = ops.make_operator(name, SHAPE, **kw)
     y0 = op.forward(x)
-    out = baselines.ddrm_sample(prior.denoise, op, y0, jax.random.PRNGKey(3), sigma_y=0.0, config=cfg)
+    out = jax.jit(
+      lambda yy, op=op: baselines.ddrm_sample(prior.denoise, op, yy, jax.random.PRNGKey(3), sigma_y=0.0, config=cfg)
+    )(y0)
     np.testing.assert_allclose(op.forward(out), y0, atol=1e-5)
 
 
