@@ -7,9 +7,7 @@ for `config.job == "distill"`; notebooks and tests call it directly.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,18 +17,15 @@ from absl import logging
 
 from emd_jax import checkpoint as ckpt_lib
 from emd_jax import export as export_lib
+from emd_jax import loop, nets, parallel, teachers
 from emd_jax import metrics as metrics_lib
-from emd_jax import nets, parallel, teachers
 from emd_jax.config_validation import validate_distill
 from emd_jax.diffusion import Schedule, noise_dist_from_config
 from emd_jax.distill.losses import LossSpec
 from emd_jax.distill.state import DistillState, create_state, make_optimizer
 from emd_jax.distill.step import StepConfig, make_train_step
+from emd_jax.loop import TrainingError  # noqa: F401  (re-exported for callers)
 from emd_jax.teachers.base import Teacher
-
-
-class TrainingError(RuntimeError):
-  """Training stopped for a reason the user must see (e.g. repeated non-finite steps)."""
 
 
 @dataclasses.dataclass
@@ -212,64 +207,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teacher:
   train_step, state_sh, teacher_sh = sharded_step(setup, mesh, abstract)
   teacher_params = jax.device_put(setup.teacher.params, teacher_sh)
 
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, meta = checkpointer.restore(latest, ckpt_lib.abstract_like(abstract, state_sh))
-    if meta.get("fingerprint") != json.loads(json.dumps(fingerprint)):
-      raise TrainingError(
-        f"checkpoint at step {latest} in {checkpointer.directory} was written for another architecture or "
-        "teacher; use a new --workdir"
-      )
-    metrics_lib.log_line(f"resumed from checkpoint step {latest}")
-  else:
-    params = initial_student_params(config, setup, k_init)
-    state = jax.device_put(create_state(k_state, params, setup.tx_gen, setup.tx_fake), state_sh)
-
+  state, restored = loop.restore_or_init(
+    checkpointer,
+    abstract,
+    state_sh,
+    fingerprint,
+    lambda: create_state(k_state, initial_student_params(config, setup, k_init), setup.tx_gen, setup.tx_fake),
+  )
   writer = metrics_lib.create_writer(workdir)
-  if latest is None:
+  if restored is None:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items() if isinstance(v, (int, float, str, bool))})
-  meta = {"config": config.to_dict(), "fingerprint": fingerprint}
 
-  step = int(state.step)
-  progress = metrics_lib.Progress(config.total_steps, step)
-  last_eval: dict = {}
-  t_start = time.perf_counter()
-  while step < config.total_steps:
-    state, m = train_step(state, teacher_params)
-    step += 1
-    if step % config.log_every == 0 or step == config.total_steps:
-      m = jax.device_get(m)
-      rates = progress.update(step)
-      writer.write_scalars(step, {**m, "steps_per_sec": rates["steps_per_sec"]})
-      metrics_lib.log_line(progress.line(step, rates["steps_per_sec"], rates["eta_seconds"], m))
-      if m["nonfinite/streak"] >= config.nonfinite_limit:
-        checkpointer.wait()
-        raise TrainingError(
-          f"step {step}: {int(m['nonfinite/streak'])} consecutive non-finite losses/gradients "
-          f"(limit nonfinite_limit={config.nonfinite_limit}); the last good checkpoint is kept in "
-          f"{checkpointer.directory}"
-        )
-    if step % config.eval_every == 0 or step == config.total_steps:
-      scalars, images = evaluate(config, setup, state.gen_ema, jax.random.fold_in(k_eval, step))
-      if scalars:
-        writer.write_scalars(step, scalars)
-        metrics_lib.log_line(
-          f"eval step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items() if "mass/" not in k)
-        )
-      if images:
-        writer.write_images(step, images)
-      last_eval = {**scalars, "step": step}
-    if step % config.checkpoint_every == 0 or step == config.total_steps:
-      checkpointer.save(step, state, {**meta, "step": step})
-  checkpointer.wait()
-  writer.flush()
+  def evaluate_fn(st, step):
+    return evaluate(config, setup, st.gen_ema, jax.random.fold_in(k_eval, step))
+
+  state, last_eval = loop.run_loop(
+    loop.LoopConfig.from_config(config),
+    state,
+    lambda st: train_step(st, teacher_params),
+    checkpointer=checkpointer,
+    writer=writer,
+    meta={"config": config.to_dict(), "fingerprint": fingerprint},
+    evaluate=evaluate_fn,
+    console_keys=["loss/generator", "loss/fake_dsm", "grad_norm/generator"],
+  )
   if config.export_at_end and jax.process_index() == 0:
     path = export(config, setup, state, workdir)
     metrics_lib.log_line(f"exported generator to {path}")
-  metrics_lib.log_line(f"done: {step} steps in {time.perf_counter() - t_start:.1f}s")
   checkpointer.close()
   writer.close()
-  last_eval.setdefault("step", step)
   last_eval["state"] = state
   return last_eval
 

@@ -50,7 +50,7 @@ def gmm_metrics(samples: np.ndarray, params: dict, seed: int = 0, num_projection
     "gmm/mean_log_prob": float(np.mean(logp)),
   }
   for i, m in enumerate(mass):
-    out[f"gmm_mass/mode{i}"] = float(m)
+    out[f"gmm_detail/mass_mode{i}"] = float(m)
   return out
 
 
