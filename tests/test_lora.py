@@ -55,18 +55,14 @@ def test_zero_init_merge_is_exactly_base():
   assert adapter["out_conv"]["kernel"]["lora_b"].shape == (2, 2)
   assert lora.lora_param_count(adapter) == 4 * 2 + 2 * 5 + 45 * 2 + 2 * 2
   merged = jax.jit(lora.merge)(params, adapter)
-  for a, b in zip(
-    jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(params), strict=True
-  ):
+  for a, b in zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(params), strict=True):
     np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(net.apply({"params": merged}, x), net.apply({"params": params}, x))
 
 
 def test_merged_forward_is_base_plus_low_rank_update():
   net, x, params = _setup()
-  adapter = _randomise_b(
-    lora.init_lora(jax.random.PRNGKey(2), params, rank=2), jax.random.PRNGKey(3)
-  )
+  adapter = _randomise_b(lora.init_lora(jax.random.PRNGKey(2), params, rank=2), jax.random.PRNGKey(3))
   scale = 0.7
   merged = lora.merge(params, adapter, scale)
   # Weights: the update has rank <= 2 over (fan_in, out).
@@ -75,17 +71,13 @@ def test_merged_forward_is_base_plus_low_rank_update():
     s = np.linalg.svd(np.asarray(delta).reshape(-1, delta.shape[-1]), compute_uv=False)
     assert s[2:].max(initial=0.0) < 1e-5 * s[0]
     f = adapter[name]["kernel"]
-    np.testing.assert_allclose(
-      delta, scale * (f["lora_a"] @ f["lora_b"]).reshape(delta.shape), atol=1e-6
-    )
+    np.testing.assert_allclose(delta, scale * (f["lora_a"] @ f["lora_b"]).reshape(delta.shape), atol=1e-6)
   np.testing.assert_array_equal(merged["hidden"]["kernel"], params["hidden"]["kernel"])
   # Forward: the conv layer is linear in its kernel, so adapting only out_conv
   # gives base output + conv(h, delta) (bias counted once).
   only_out = {"out_conv": adapter["out_conv"]}
   merged_out = lora.merge(params, only_out, scale)
-  h = nn.Dense(5).apply(
-    {"params": params["qkv"]}, jnp.tanh(nn.Dense(4).apply({"params": params["hidden"]}, x))
-  )
+  h = nn.Dense(5).apply({"params": params["qkv"]}, jnp.tanh(nn.Dense(4).apply({"params": params["hidden"]}, x)))
   delta = lora.lora_delta(only_out["out_conv"]["kernel"], params["out_conv"]["kernel"].shape, scale)
   conv_delta = nn.Conv(2, (3, 3), use_bias=False).apply({"params": {"kernel": delta}}, h)
   np.testing.assert_allclose(
@@ -95,9 +87,7 @@ def test_merged_forward_is_base_plus_low_rank_update():
   qkv = adapter["qkv"]["kernel"]
   hin = jax.random.normal(jax.random.PRNGKey(5), (7, 4))
   dense = lambda p: nn.Dense(5).apply({"params": p["qkv"]}, hin)
-  np.testing.assert_allclose(
-    dense(merged), dense(params) + scale * (hin @ qkv["lora_a"]) @ qkv["lora_b"], atol=1e-5
-  )
+  np.testing.assert_allclose(dense(merged), dense(params) + scale * (hin @ qkv["lora_a"]) @ qkv["lora_b"], atol=1e-5)
 
 
 def test_frozen_base_optimizer_updates_only_adapter():
@@ -111,9 +101,7 @@ def test_frozen_base_optimizer_updates_only_adapter():
 
   def loss(p):
     out = net.apply({"params": lora.merge(p["base"], p["lora"])}, x)
-    return jnp.mean((out - target) ** 2) + jnp.sum(
-      p["unfolded"]["log_lam"] ** 2 - p["unfolded"]["log_lam"]
-    )
+    return jnp.mean((out - target) ** 2) + jnp.sum(p["unfolded"]["log_lam"] ** 2 - p["unfolded"]["log_lam"])
 
   @jax.jit
   def step(p, s):
@@ -124,9 +112,7 @@ def test_frozen_base_optimizer_updates_only_adapter():
   new = tree
   for _ in range(3):
     new, opt_state = step(new, opt_state)
-  for a, b in zip(
-    jax.tree_util.tree_leaves(new["base"]), jax.tree_util.tree_leaves(params), strict=True
-  ):
+  for a, b in zip(jax.tree_util.tree_leaves(new["base"]), jax.tree_util.tree_leaves(params), strict=True):
     np.testing.assert_array_equal(a, b)
   assert float(jnp.abs(new["lora"]["qkv"]["kernel"]["lora_b"]).max()) > 0
   assert float(jnp.abs(new["lora"]["out_conv"]["kernel"]["lora_b"]).max()) > 0

@@ -58,9 +58,7 @@ def test_prox_matches_dense_normal_equations(name, kw):
     lhs = a.T @ a / s2 + np.eye(d) / float(lam[i])
     rhs = a.T @ np.asarray(y[i], np.float64).ravel() / s2 + np.asarray(v[i]).ravel() / float(lam[i])
     ref = np.linalg.solve(lhs, rhs)
-    np.testing.assert_allclose(
-      np.asarray(u[i]).ravel(), ref, atol=2e-5 * max(1.0, np.abs(ref).max())
-    )
+    np.testing.assert_allclose(np.asarray(u[i]).ravel(), ref, atol=2e-5 * max(1.0, np.abs(ref).max()))
   # Scalar lam broadcasts like a constant vector.
   np.testing.assert_allclose(op.prox(v, y, 1.0, 0.2), op.prox(v, y, jnp.ones(3), 0.2), atol=1e-5)
 

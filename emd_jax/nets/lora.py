@@ -97,9 +97,7 @@ def lora_delta(factors: dict, shape: tuple[int, ...], scale: float | Array = 1.0
   return (scale * (factors[_A] @ factors[_B])).reshape(shape)
 
 
-def merge(
-  base_params: Any, lora_params: dict, scale: float | Array = 1.0, stop_base_grad: bool = False
-):
+def merge(base_params: Any, lora_params: dict, scale: float | Array = 1.0, stop_base_grad: bool = False):
   """Effective parameters `W + scale * A B` at the adapted weights, `W` elsewhere.
 
   Pure and jittable; returns the same container type as `base_params`.
@@ -132,14 +130,11 @@ def trainable_labels(params: dict, frozen: Sequence[str] = ("base",)) -> dict:
   E.g. `{"base": base, "lora": lora, "unfolded": {...}}` -> base frozen, the rest trained.
   """
   return {
-    k: jax.tree_util.tree_map(lambda _, k=k: "frozen" if k in frozen else "trainable", v)
-    for k, v in params.items()
+    k: jax.tree_util.tree_map(lambda _, k=k: "frozen" if k in frozen else "trainable", v) for k, v in params.items()
   }
 
 
-def frozen_base_optimizer(
-  tx: optax.GradientTransformation, params_tree_labels: Any
-) -> optax.GradientTransformation:
+def frozen_base_optimizer(tx: optax.GradientTransformation, params_tree_labels: Any) -> optax.GradientTransformation:
   """`tx` on the leaves labelled `"trainable"`, exactly zero updates on `"frozen"` ones.
 
   `params_tree_labels` is a label pytree (see `trainable_labels`) or a callable

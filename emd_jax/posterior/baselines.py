@@ -117,9 +117,7 @@ def unfolded_zero_shot(
 ) -> Array:
   """UD2M's structure without training: hand-set block parameters, plain denoiser."""
   params = default_unfolded_params(num_outer, num_inner) if params is None else params
-  return unfolded_sample(
-    denoise, operator, y, rng, params, num_outer, num_inner, sigma_y, timesteps, eta, labels
-  )
+  return unfolded_sample(denoise, operator, y, rng, params, num_outer, num_inner, sigma_y, timesteps, eta, labels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,9 +145,7 @@ def _ddrm_update(xb_t, xb0, yb, s, s_t, s_next, sigma_y, eps, cfg: DDRMConfig):
   noisy_branch = s_next < sy_over_s  # data noisier than the target level
   ratio = jnp.where(noisy_branch & observed, s_next / jnp.where(noisy_branch, sy_over_s, 1.0), 0.0)
   low = xb0 + c * ratio * (yb - xb0) + cfg.eta * s_next * eps
-  rest = jnp.sqrt(
-    jnp.clip(s_next**2 - cfg.eta_b**2 * jnp.where(observed, sy_over_s, 0.0) ** 2, 0.0)
-  )
+  rest = jnp.sqrt(jnp.clip(s_next**2 - cfg.eta_b**2 * jnp.where(observed, sy_over_s, 0.0) ** 2, 0.0))
   high = (1.0 - cfg.eta_b) * xb0 + cfg.eta_b * yb + rest * eps
   return jnp.where(observed, jnp.where(noisy_branch, low, high), null)
 
@@ -191,9 +187,7 @@ def ddrm_sample(
     i, s_t, s_next = inputs
     x0 = denoise(x_t, jnp.full((batch,), s_t, x_t.dtype), labels)
     eps = noise_b(jax.random.fold_in(rng_loop, i))
-    xb = _ddrm_update(
-      operator.spectral(x_t), operator.spectral(x0), yb, s, s_t, s_next, sigma_y, eps, config
-    )
+    xb = _ddrm_update(operator.spectral(x_t), operator.spectral(x0), yb, s, s_t, s_next, sigma_y, eps, config)
     return operator.inverse_spectral(xb).astype(x_t.dtype), None
 
   x, _ = jax.lax.scan(step, x, (jnp.arange(len(ts)), sigmas, sigmas_next))

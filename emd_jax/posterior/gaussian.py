@@ -38,9 +38,7 @@ def dense_matrix(fn: Callable[[Array], Array], in_shape: Sequence[int]) -> Array
   return out.T
 
 
-def gaussian_denoise(
-  mean: Array, cov: Array, x: Array, sigma: Array, eig: tuple[Array, Array] | None = None
-) -> Array:
+def gaussian_denoise(mean: Array, cov: Array, x: Array, sigma: Array, eig: tuple[Array, Array] | None = None) -> Array:
   """Exact denoiser of `N(mean, cov)`: `mean + cov (cov + sigma^2 I)^{-1} (x - mean)`.
 
   `x` `[B, ...]` (flattened internally to `[B, d]`), `mean` `[d]` or `[B, d]`,
@@ -60,9 +58,7 @@ def gaussian_denoise(
   return out.reshape(x.shape).astype(x.dtype)
 
 
-def gaussian_posterior(
-  mean: Array, cov: Array, a: Array, y: Array, sigma_y: float | Array
-) -> tuple[Array, Array]:
+def gaussian_posterior(mean: Array, cov: Array, a: Array, y: Array, sigma_y: float | Array) -> tuple[Array, Array]:
   """Posterior `N(m_y, C_y)` of `x ~ N(mean, cov)` given `y = a x + sigma_y n`.
 
   `a` `[m, d]`; `y` `[B, ...]` flattened to `[B, m]`. Returns `(m_y [B, d], C_y [d, d])`.

@@ -22,9 +22,7 @@ Array = jax.Array
 @functools.partial(jax.jit, static_argnames=("data_range",))
 def psnr(x: Array, ref: Array, data_range: float = 2.0) -> Array:
   """`10 log10(data_range^2 / mse)` per image `[B]`; identical images give `inf`."""
-  err = jnp.mean(
-    jnp.reshape((x.astype(jnp.float32) - ref.astype(jnp.float32)) ** 2, (x.shape[0], -1)), -1
-  )
+  err = jnp.mean(jnp.reshape((x.astype(jnp.float32) - ref.astype(jnp.float32)) ** 2, (x.shape[0], -1)), -1)
   return 10.0 * jnp.log10(data_range**2 / err)
 
 
@@ -41,17 +39,11 @@ def _filter(x: Array, g: Array) -> Array:
   dn = ("NHWC", "HWIO", "NHWC")
   wy = jnp.tile(g.reshape(k, 1, 1, 1), (1, 1, 1, c))
   wx = jnp.tile(g.reshape(1, k, 1, 1), (1, 1, 1, c))
-  x = jax.lax.conv_general_dilated(
-    x, wy, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c
-  )
-  return jax.lax.conv_general_dilated(
-    x, wx, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c
-  )
+  x = jax.lax.conv_general_dilated(x, wy, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c)
+  return jax.lax.conv_general_dilated(x, wx, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c)
 
 
-@functools.partial(
-  jax.jit, static_argnames=("data_range", "data_min", "window_size", "window_std", "k1", "k2")
-)
+@functools.partial(jax.jit, static_argnames=("data_range", "data_min", "window_size", "window_std", "k1", "k2"))
 def ssim(
   x: Array,
   ref: Array,

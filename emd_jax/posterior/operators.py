@@ -140,9 +140,7 @@ def gaussian_kernel(size: int, std: float) -> np.ndarray:
   return (k / k.sum()).astype(np.float32)
 
 
-def motion_kernel(
-  size: int, seed: int, intensity: float = 0.5, num_points: int = 256
-) -> np.ndarray:
+def motion_kernel(size: int, seed: int, intensity: float = 0.5, num_points: int = 256) -> np.ndarray:
   """A random camera-shake kernel `[size, size]`, reproducible from `seed`.
 
   A trajectory of `num_points` positions follows a velocity whose direction
@@ -358,9 +356,7 @@ def _odd_at_most(size: int, limit: int) -> int:
   return size if size % 2 == 1 else size - 1
 
 
-def gaussian_blur(
-  image_shape: Sequence[int], kernel_size: int = 61, std: float = 3.0
-) -> CircularBlur:
+def gaussian_blur(image_shape: Sequence[int], kernel_size: int = 61, std: float = 3.0) -> CircularBlur:
   """Gaussian blur (DPS/DiffPIR default: 61 x 61, std 3; the size is clipped to the image)."""
   h, w = image_shape[:2]
   k = gaussian_kernel(_odd_at_most(kernel_size, min(h, w)), std)

@@ -40,9 +40,7 @@ Array = jax.Array
 DEFAULT_TIMESTEPS = (999, 444, 111)
 
 
-def ddpm_alphas_cumprod(
-  num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
-) -> np.ndarray:
+def ddpm_alphas_cumprod(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
   """`abar_t` of the linear-beta DDPM schedule, `[num_steps]` (float64)."""
   betas = np.linspace(beta_start, beta_end, num_steps, dtype=np.float64)
   return np.cumprod(1.0 - betas)
@@ -54,9 +52,7 @@ def ddpm_sigmas(timesteps, num_steps: int = 1000) -> np.ndarray:
   return np.sqrt((1.0 - abar) / abar).astype(np.float32)
 
 
-def ddim_step(
-  x_t: Array, x0_hat: Array, sigma_t: Array, sigma_s: Array, eta: float, noise: Array
-) -> Array:
+def ddim_step(x_t: Array, x0_hat: Array, sigma_t: Array, sigma_s: Array, eta: float, noise: Array) -> Array:
   """DDIM from `sigma_t` to `sigma_s < sigma_t` in the EDM frame.
 
   `x_s = x0 + sqrt(sigma_s^2 - c^2) eps_hat + c n`, `eps_hat = (x_t - x0)/sigma_t`,
