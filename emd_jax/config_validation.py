@@ -103,4 +103,7 @@ def validate_distill(config) -> None:
     import os
 
     _require(bool(t.checkpoint), "teacher.checkpoint", "no teacher checkpoint directory given")
-    _require(os.path.isdir(t.checkpoint), "teacher.checkpoint", f"teacher checkpoint not found: {t.checkpoint}")
+    from emd_jax.teachers import resolve_path
+
+    path = resolve_path(t.checkpoint)
+    _require(os.path.isdir(path), "teacher.checkpoint", f"teacher checkpoint not found: {t.checkpoint} ({path})")

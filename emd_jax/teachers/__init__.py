@@ -3,11 +3,24 @@
 from emd_jax.teachers.base import Teacher
 
 
+BUILTIN_PREFIX = "builtin:"
+
+
+def resolve_path(path: str) -> str:
+  """`builtin:NAME` -> the teacher shipped in `emd_jax/assets/teachers/NAME`; other paths unchanged."""
+  import os
+
+  if path.startswith(BUILTIN_PREFIX):
+    name = path[len(BUILTIN_PREFIX) :]
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "teachers", name)
+  return os.path.expanduser(path)
+
+
 def load(path: str) -> Teacher:
-  """Loads a teacher checkpoint directory (see `emd_jax.teachers.network`)."""
+  """Loads a teacher checkpoint directory (see `emd_jax.teachers.network`); `builtin:NAME` for shipped ones."""
   from emd_jax.teachers import network
 
-  return network.load(path)
+  return network.load(resolve_path(path))
 
 
 __all__ = ["Teacher", "load"]
