@@ -211,18 +211,14 @@ def heun_parity(net, module, params, kwargs, labels, torch) -> float:
   n = labels.shape[0] if labels is not None else 4
   latents = np.random.default_rng(1).standard_normal((n, ch, res, res)).astype(np.float32)
   with torch.no_grad():
-    ref = edm_sampler(
-      net, torch.from_numpy(latents), None if labels is None else torch.from_numpy(labels)
-    ).numpy()
+    ref = edm_sampler(net, torch.from_numpy(latents), None if labels is None else torch.from_numpy(labels)).numpy()
   # EDM clamps the sampler's range to the network's supported noise levels.
   s_min = max(0.002, float(net.sigma_min))
   s_max = min(80.0, float(net.sigma_max))
   denoise = lambda x, s, lab: module.apply({"params": params}, x, s, lab)
-  ours = jax.jit(
-    lambda z, lab: diffusion.heun_sample(
-      denoise, z, lab, num_steps=18, sigma_min=s_min, sigma_max=s_max
-    )
-  )(jnp.asarray(latents.transpose(0, 2, 3, 1)), labels)
+  ours = jax.jit(lambda z, lab: diffusion.heun_sample(denoise, z, lab, num_steps=18, sigma_min=s_min, sigma_max=s_max))(
+    jnp.asarray(latents.transpose(0, 2, 3, 1)), labels
+  )
   ours = np.asarray(ours).transpose(0, 3, 1, 2)
   return float(np.abs(ours - ref).max() / np.abs(ref).max())
 

@@ -48,9 +48,7 @@ def spec_from_edm_kwargs(class_name: str, kwargs: dict) -> dict:
   """An emd_jax spec from an EDM precond class name and its constructor kwargs."""
   short = class_name.rsplit(".", 1)[-1]
   if short not in _PRECOND_NAMES:
-    raise ValueError(
-      f"unsupported EDM network class {class_name!r}; supported: {sorted(_PRECOND_NAMES)}"
-    )
+    raise ValueError(f"unsupported EDM network class {class_name!r}; supported: {sorted(_PRECOND_NAMES)}")
   kw = dict(kwargs)
   model_type = kw.pop("model_type", "DhariwalUNet" if short == "EDMPrecond" else "SongUNet")
   if model_type not in _ARCH_NAMES:
@@ -214,9 +212,7 @@ def read_edm_pickle(path: str, key: str = "ema") -> tuple[dict, dict[str, np.nda
   data = torch_pickle.load_file(path)
   net = data.get(key) if isinstance(data, dict) else data
   if net is None:
-    raise ValueError(
-      f"{path}: no {key!r} entry; keys: {sorted(data) if isinstance(data, dict) else '-'}"
-    )
+    raise ValueError(f"{path}: no {key!r} entry; keys: {sorted(data) if isinstance(data, dict) else '-'}")
   if not isinstance(net, torch_pickle.PersistentObject):
     raise ValueError(f"{path}: {key!r} is not an EDM persistent network ({type(net).__name__})")
   kwargs = {**_positional_kwargs(net.init_args), **net.init_kwargs}

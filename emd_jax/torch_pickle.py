@@ -177,9 +177,7 @@ class _Unpickler(pickle.Unpickler):
       return _StorageType(name)
     if module.startswith("torch.nn.modules.") or module == "torch.nn":
       return _module_class(f"{module}.{name}")
-    raise pickle.UnpicklingError(
-      f"refusing to load global {module}.{name} (not an allowlisted type)"
-    )
+    raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (not an allowlisted type)")
 
   def persistent_load(self, pid):
     if self._load_storage is None:

@@ -173,9 +173,7 @@ def _tiny_params(spec, seed=0):
   rng = np.random.default_rng(seed)
   shapes = convert.abstract_params(spec)
   return jax.tree.map(
-    lambda s: (rng.standard_normal(s.shape) / np.sqrt(max(1, np.prod(s.shape[:-1])))).astype(
-      np.float32
-    ),
+    lambda s: (rng.standard_normal(s.shape) / np.sqrt(max(1, np.prod(s.shape[:-1])))).astype(np.float32),
     shapes,
   )
 
@@ -212,9 +210,7 @@ def _crafted_teacher_dir(tmp_path, inline_format="legacy"):
   params = _tiny_params(spec)
   sd = convert.flax_to_edm(params)
   # EDM also stores the resampling filters as buffers; add one as EDM would.
-  sd["model.enc.4x4_down.conv0.resample_filter"] = (
-    np.outer([1, 3, 3, 1], [1, 3, 3, 1]).reshape(1, 1, 4, 4) / 64.0
-  )
+  sd["model.enc.4x4_down.conv0.resample_filter"] = np.outer([1, 3, 3, 1], [1, 3, 3, 1]).reshape(1, 1, 4, 4) / 64.0
   net = edm_module_tree(sd, "EDMPrecond", TINY_SONG, inline_format)
   pkl = tmp_path / "edm-tiny.pkl"
   pkl.write_bytes(dumps({"ema": net, "loss_fn": None, "dataset_kwargs": {"resolution": 8}}))
@@ -258,9 +254,7 @@ def test_convert_state_dict_zip_with_arch_json(tmp_path):
     v = Storage(v)
     stride = tuple(int(np.prod(shape[i + 1 :])) for i in range(len(shape)))
     hooks = Call(G("collections", "OrderedDict"), ())
-    entries.append(
-      (k, Call(G("torch._utils", "_rebuild_tensor_v2"), (v, 0, shape, stride, False, hooks)))
-    )
+    entries.append((k, Call(G("torch._utils", "_rebuild_tensor_v2"), (v, 0, shape, stride, False, hooks))))
   pt = tmp_path / "net.pt"
   pt.write_bytes(zip_bytes(Call(G("collections", "OrderedDict"), (entries,))))
   arch = {
@@ -308,9 +302,7 @@ def test_teacher_dir_errors_and_atomic_overwrite(tmp_path):
 def _edm_heun_numpy(denoise, latents, num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
   """EDM's `edm_sampler` loop (S_churn = 0) transcribed to numpy float64."""
   i = np.arange(num_steps, dtype=np.float64)
-  t = (
-    sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
-  ) ** rho
+  t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
   t = np.concatenate([t, [0.0]])
   x_next = latents.astype(np.float64) * t[0]
   for k, (t_cur, t_next) in enumerate(zip(t[:-1], t[1:], strict=True)):

@@ -72,9 +72,7 @@ def _random_params(spec, seed=0):
   rng = np.random.default_rng(seed)
   shapes = convert.abstract_params(spec)
   return jax.tree.map(
-    lambda s: (rng.standard_normal(s.shape) / np.sqrt(max(1, np.prod(s.shape[:-1])))).astype(
-      np.float32
-    ),
+    lambda s: (rng.standard_normal(s.shape) / np.sqrt(max(1, np.prod(s.shape[:-1])))).astype(np.float32),
     shapes,
   )
 
@@ -201,17 +199,12 @@ class _Probe(nn.Module):
 
 @pytest.mark.parametrize("kind", ["edm", "vp", "ve"])
 def test_preconditioning_coefficients_match_edm(kind):
-  spec = edm_unet.complete_spec(
-    dict(arch="song_unet", precond=kind, img_resolution=4, in_channels=1)
-  )
+  spec = edm_unet.complete_spec(dict(arch="song_unet", precond=kind, img_resolution=4, in_channels=1))
   x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4, 4, 1)), jnp.float32)
   sigma = jnp.array([0.01, 1.0, 40.0])
   s = np.asarray(sigma)[:, None, None, None]
   xn = np.asarray(x)
-  out = {
-    m: np.asarray(precond.make(spec, _Probe(m)).apply({}, x, sigma))
-    for m in ("one", "noise", "input")
-  }
+  out = {m: np.asarray(precond.make(spec, _Probe(m)).apply({}, x, sigma)) for m in ("one", "noise", "input")}
   if kind == "edm":
     c_skip, c_out = 0.25 / (s**2 + 0.25), s * 0.5 / np.sqrt(s**2 + 0.25)
     c_in, c_noise = 1 / np.sqrt(s**2 + 0.25), np.log(s) / 4
@@ -237,9 +230,7 @@ def test_forward_dropout_label_dropout_and_zero_output_layer(name):
   labels = jnp.eye(4)[jnp.array([1, 2])]
   zeros = jnp.zeros_like(labels)
   f = jax.jit(
-    lambda p, lab, key, train: module.apply(
-      {"params": p}, x, sigma, lab, train=train, rngs={"dropout": key}
-    ),
+    lambda p, lab, key, train: module.apply({"params": p}, x, sigma, lab, train=train, rngs={"dropout": key}),
     static_argnums=3,
   )
   k1, k2 = jax.random.key(1), jax.random.key(2)

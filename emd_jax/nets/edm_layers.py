@@ -134,9 +134,7 @@ class Conv2d(nn.Module):
         (k, k, self.in_channels, self.out_channels),
       ).astype(self.dtype)
       if self.bias:
-        b = self.param(
-          "bias", edm_init(self.init_mode, *fans, self.init_bias), (self.out_channels,)
-        )
+        b = self.param("bias", edm_init(self.init_mode, *fans, self.init_bias), (self.out_channels,))
         b = b.astype(self.dtype)
     x = x.astype(self.dtype)
     resample = self.up or self.down
@@ -217,9 +215,7 @@ class FourierEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:  # x: [B] -> [B, num_channels]
-    freqs = self.param(
-      "freqs", lambda k, s: jax.random.normal(k, s) * self.scale, (self.num_channels // 2,)
-    )
+    freqs = self.param("freqs", lambda k, s: jax.random.normal(k, s) * self.scale, (self.num_channels // 2,))
     x = jnp.outer(x.astype(jnp.float32), 2 * np.pi * jax.lax.stop_gradient(freqs))
     return jnp.concatenate([jnp.cos(x), jnp.sin(x)], axis=1)
 
@@ -254,9 +250,7 @@ class UNetBlock(nn.Module):
   def heads(self) -> int:
     if not self.attention:
       return 0
-    return (
-      self.num_heads if self.num_heads is not None else self.out_channels // self.channels_per_head
-    )
+    return self.num_heads if self.num_heads is not None else self.out_channels // self.channels_per_head
 
   @nn.compact
   def __call__(self, x: Array, emb: Array, train: bool = False) -> Array:
@@ -269,9 +263,9 @@ class UNetBlock(nn.Module):
     orig = x
     h = GroupNorm(cin, eps=self.eps, dtype=dt, name="norm0")(x)
     h = Conv2d(cin, cout, 3, up=self.up, down=self.down, name="conv0", **rs, **init)(nn.silu(h))
-    params = Linear(
-      self.emb_channels, cout * (2 if self.adaptive_scale else 1), dtype=dt, name="affine", **init
-    )(emb)[:, None, None, :].astype(h.dtype)
+    params = Linear(self.emb_channels, cout * (2 if self.adaptive_scale else 1), dtype=dt, name="affine", **init)(emb)[
+      :, None, None, :
+    ].astype(h.dtype)
     norm1 = GroupNorm(cout, eps=self.eps, dtype=dt, name="norm1")
     if self.adaptive_scale:
       scale, shift = jnp.split(params, 2, axis=-1)

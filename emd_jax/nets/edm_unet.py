@@ -128,9 +128,7 @@ class SongUNet(nn.Module):
       res = self.img_resolution >> level
       if level == 0:
         cin, cout = cout, mc
-        enc.append(
-          (f"{res}x{res}_conv", "conv", dict(in_channels=cin, out_channels=cout, kernel=3, **init))
-        )
+        enc.append((f"{res}x{res}_conv", "conv", dict(in_channels=cin, out_channels=cout, kernel=3, **init)))
       else:
         enc.append(
           (
@@ -195,9 +193,7 @@ class SongUNet(nn.Module):
         )
         dec.append((f"{res}x{res}_in1", "block", dict(in_channels=cout, out_channels=cout, **blk)))
       else:
-        dec.append(
-          (f"{res}x{res}_up", "block", dict(in_channels=cout, out_channels=cout, up=True, **blk))
-        )
+        dec.append((f"{res}x{res}_up", "block", dict(in_channels=cout, out_channels=cout, up=True, **blk)))
       for idx in range(self.num_blocks + 1):
         cin, cout = cout + skips.pop(), mc * mult
         attn = idx == self.num_blocks and res in self.attn_resolutions
@@ -255,14 +251,10 @@ class SongUNet(nn.Module):
     if self.label_dim:
       labels = jnp.zeros((b, self.label_dim)) if class_labels is None else class_labels
       labels = _label_dropout(labels.astype(jnp.float32), self.label_dropout, train, self)
-      emb = emb + Linear(self.label_dim, noise_channels, name="map_label", **init)(
-        labels * np.sqrt(self.label_dim)
-      )
+      emb = emb + Linear(self.label_dim, noise_channels, name="map_label", **init)(labels * np.sqrt(self.label_dim))
     if self.augment_dim:
       aug = jnp.zeros((b, self.augment_dim)) if augment_labels is None else augment_labels
-      emb = emb + Linear(self.augment_dim, noise_channels, bias=False, name="map_augment", **init)(
-        aug
-      )
+      emb = emb + Linear(self.augment_dim, noise_channels, bias=False, name="map_augment", **init)(aug)
     emb = nn.silu(Linear(noise_channels, emb_channels, name="map_layer0", **init)(emb))
     emb = nn.silu(Linear(emb_channels, emb_channels, name="map_layer1", **init)(emb))
     emb = emb.astype(dt)

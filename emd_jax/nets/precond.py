@@ -48,9 +48,7 @@ class _Precond(nn.Module):
     c_skip, c_out, c_in, c_noise = self.coefficients(sigma)  # each [B]
     col = lambda c: jnp.asarray(c, jnp.float32).reshape(-1, 1, 1, 1)
     dtype = self.model.dtype
-    f = self.model(
-      (col(c_in) * x).astype(dtype), c_noise, labels, train=train, augment_labels=augment_labels
-    )
+    f = self.model((col(c_in) * x).astype(dtype), c_noise, labels, train=train, augment_labels=augment_labels)
     return col(c_skip) * x + col(c_out) * f.astype(jnp.float32)
 
 
@@ -127,7 +125,5 @@ def make(spec: dict, net: nn.Module) -> _Precond:
       epsilon_t=spec["epsilon_t"],
     )
   if kind == "ve":
-    return VEPrecond(
-      model=net, label_dim=ld, sigma_min=spec["sigma_min"], sigma_max=spec["sigma_max"]
-    )
+    return VEPrecond(model=net, label_dim=ld, sigma_min=spec["sigma_min"], sigma_max=spec["sigma_max"])
   raise ValueError(f"unknown precond {kind!r}")

@@ -90,8 +90,7 @@ def read_info(path: str) -> dict:
     raise ValueError(f"{spec_file}: kind {info.get('kind')!r} is not 'network'")
   if info.get("format_version", 0) > FORMAT_VERSION:
     raise ValueError(
-      f"{spec_file}: format_version {info['format_version']} is newer than "
-      f"this emd_jax understands ({FORMAT_VERSION})"
+      f"{spec_file}: format_version {info['format_version']} is newer than this emd_jax understands ({FORMAT_VERSION})"
     )
   return info
 
