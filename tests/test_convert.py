@@ -376,3 +376,19 @@ def test_parity_with_original_edm_networks(tmp_path):
     ref = net(torch.from_numpy(x), torch.from_numpy(sigma), torch.from_numpy(labels)).numpy()
   ours = np.asarray(teacher.denoise(jnp.asarray(x.transpose(0, 2, 3, 1)), sigma, labels))
   np.testing.assert_allclose(ours.transpose(0, 3, 1, 2), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def test_unsupported_or_malformed_pickles_are_named(tmp_path):
+  with pytest.raises(ValueError, match="iDDPMPrecond"):
+    convert.spec_from_edm_kwargs("training.networks.iDDPMPrecond", dict(TINY_SONG))
+  with pytest.raises(ValueError, match="model_type"):
+    convert.spec_from_edm_kwargs("EDMPrecond", dict(TINY_SONG, model_type="UNet2D"))
+  path = tmp_path / "noema.pkl"
+  path.write_bytes(dumps({"loss_fn": None}))
+  with pytest.raises(ValueError, match="no 'ema' entry"):
+    convert.read_edm_pickle(str(path))
+  # A tensor whose geometry overruns its storage is refused, not read out of bounds.
+  bad = Call(G("torch._utils", "_rebuild_tensor_v2"), (Storage(np.zeros(4)), 2, (3,), (1,), False, None))
+  path.write_bytes(zip_bytes({"w": bad}))
+  with pytest.raises(pickle.UnpicklingError, match="overruns"):
+    torch_pickle.load_file(str(path))
