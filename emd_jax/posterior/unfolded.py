@@ -153,7 +153,7 @@ def unfolded_sample(
   xt_likelihood: bool = True,
   init: str = "previous",
   return_aux: bool = False,
-):
+) -> Array | tuple[Array, dict[str, Array]]:
   """The full N x K unfolded sampler; `num_outer * num_inner` denoiser calls.
 
   Args:
