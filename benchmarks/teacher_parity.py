@@ -18,7 +18,7 @@ converts the pickle with `emd_jax.convert` (the torch-free reader), and reports:
 - `max_rel_heun` (tiny size only): EDM's `edm_sampler` (18 steps, float64
   state) against `emd_jax.diffusion.heun_sample` on the converted teacher;
 - `ms_per_image_flax` / `ms_per_image_edm`: forward time per image (jitted
-  Flax vs eager torch, both on this machine's default device, after warm-up).
+  Flax on JAX's default device vs eager torch on `--torch_device`, after warm-up).
 
 Without torch or `--edm_dir` it still times the Flax networks. Results go to a
 JSON file (`--out`).
@@ -138,7 +138,7 @@ def _inputs(kwargs, batch, rng):
   return x, sigma, labels, aug
 
 
-def run_one(name, size, batch, reps, edm_networks, torch):
+def run_one(name, size, batch, reps, edm_networks, torch, torch_device="cpu"):
   cls_name, paper, tiny = ARCHS[name]
   kwargs = dict(paper, **(tiny if size == "tiny" else {}))
   rng = np.random.default_rng(0)
@@ -171,12 +171,20 @@ def run_one(name, size, batch, reps, edm_networks, torch):
   if edm_networks is None:
     return row
 
-  t = lambda a: None if a is None else torch.from_numpy(a)
+  net = net.to(torch_device)
+  t = lambda a: None if a is None else torch.from_numpy(a).to(torch_device)
+
+  def torch_forward():
+    y = net(t(x), t(sigma), t(labels), augment_labels=t(aug))
+    if torch_device.startswith("cuda"):
+      torch.cuda.synchronize()
+    return y
+
   with torch.no_grad():
-    ref = net(t(x), t(sigma), t(labels), augment_labels=t(aug)).numpy()
-    row["ms_per_image_edm"] = 1e3 * _time(lambda: net(t(x), t(sigma), t(labels)), reps) / batch
+    ref = torch_forward().cpu().numpy()
+    row["ms_per_image_edm"] = 1e3 * _time(torch_forward, reps) / batch
     cn = rng.standard_normal(batch).astype(np.float32)
-    raw_ref = net.model(t(x), t(cn), t(labels), augment_labels=t(aug)).numpy()
+    raw_ref = net.model(t(x), t(cn), t(labels), augment_labels=t(aug)).cpu().numpy()
   ours = np.asarray(out()).transpose(0, 3, 1, 2)
   row["max_rel_denoiser"] = float(np.abs(ours - ref).max() / np.abs(ref).max())
   raw = module.model.clone(parent=None)
@@ -184,7 +192,7 @@ def run_one(name, size, batch, reps, edm_networks, torch):
   raw_ours = np.asarray(raw_out(params["model"])).transpose(0, 3, 1, 2)
   row["max_rel_raw"] = float(np.abs(raw_ours - raw_ref).max() / np.abs(raw_ref).max())
   if size == "tiny":
-    row["max_rel_heun"] = heun_parity(net, module, params, kwargs, labels, torch)
+    row["max_rel_heun"] = heun_parity(net, module, params, kwargs, labels, torch, torch_device)
   return row
 
 
@@ -203,7 +211,7 @@ def load_edm_sampler(edm_dir: str):
   return namespace["edm_sampler"]
 
 
-def heun_parity(net, module, params, kwargs, labels, torch) -> float:
+def heun_parity(net, module, params, kwargs, labels, torch, torch_device="cpu") -> float:
   """EDM's `edm_sampler` vs `emd_jax.diffusion.heun_sample`, same noise, 18 steps."""
   edm_sampler = load_edm_sampler(os.path.dirname(os.path.dirname(sys.modules["training"].__file__)))
 
@@ -211,7 +219,8 @@ def heun_parity(net, module, params, kwargs, labels, torch) -> float:
   n = labels.shape[0] if labels is not None else 4
   latents = np.random.default_rng(1).standard_normal((n, ch, res, res)).astype(np.float32)
   with torch.no_grad():
-    ref = edm_sampler(net, torch.from_numpy(latents), None if labels is None else torch.from_numpy(labels)).numpy()
+    t = lambda a: None if a is None else torch.from_numpy(a).to(torch_device)
+    ref = edm_sampler(net, t(latents), t(labels)).cpu().numpy()
   # EDM clamps the sampler's range to the network's supported noise levels.
   s_min = max(0.002, float(net.sigma_min))
   s_max = min(80.0, float(net.sigma_max))
@@ -230,6 +239,7 @@ def main(argv=None):
   parser.add_argument("--archs", default=",".join(ARCHS))
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--torch_device", default="cpu", help="device for EDM's network, e.g. cuda")
   parser.add_argument("--out", default="teacher_parity.json")
   args = parser.parse_args(argv)
   edm_networks = torch = None
@@ -240,7 +250,7 @@ def main(argv=None):
     from training import networks as edm_networks
   rows = []
   for name in args.archs.split(","):
-    row = run_one(name, args.size, args.batch, args.reps, edm_networks, torch)
+    row = run_one(name, args.size, args.batch, args.reps, edm_networks, torch, args.torch_device)
     print(json.dumps(row))
     rows.append(row)
   result = {
