@@ -89,6 +89,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.loss.sid_alpha = 1.2
   c.loss.noise = noise(-1.2, 1.2)  # generator noise levels
 
+  # Scale: activation dtype (params and optimizer stay float32), rematerialisation of
+  # network passes ("none", "dots", "full"), gradient accumulation over micro-batches.
+  c.compute_dtype = "float32"
+  c.remat = "none"
+  c.grad_accum_steps = 1
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by other axes
   c.mesh.fsdp = 1
@@ -100,6 +106,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.max_checkpoints = 3
   c.export_at_end = True
   c.nonfinite_limit = 20
+  c.spike_factor = 10.0  # warn when a loss/* value exceeds 10x its running mean (0: off)
+
+  # Fault injection (tests, benchmarks/faults.py; docs/reliability.md). All off by default.
+  c.debug = ml_collections.ConfigDict()
+  c.debug.nan_at_steps = ()  # e.g. (5, 6): these updates see a NaN teacher
+  c.debug.kill_at_step = -1  # SIGKILL the process at this step ...
+  c.debug.kill_phase = "step"  # ... after the update ("step") or while its checkpoint is written ("save")
+  c.debug.sigterm_at_step = -1  # SIGTERM the process after this step (preemption drill)
 
   if arg == "tiny":
     c.total_steps = 40

@@ -137,9 +137,14 @@ def dsm_loss(
   rng_sigma, rng_noise = jax.random.split(rng)
   sigma = dist.sample(rng_sigma, (x.shape[0],))
   noise = jax.random.normal(rng_noise, x.shape, x.dtype)
+  return dsm_loss_at(denoise, x, sigma, noise, labels, sigma_data), sigma
+
+
+def dsm_loss_at(denoise: DenoiseFn, x: Array, sigma: Array, noise: Array, labels=None, sigma_data: float = 0.5):
+  """`dsm_loss` at given noise levels `[B]` and standard-normal noise `[B, ...]`; returns `[B]`."""
   d = denoise(x + expand_to(sigma, x) * noise, sigma, labels)
   err = jnp.mean(jnp.reshape((d - x) ** 2, (x.shape[0], -1)), axis=-1)
-  return edm_loss_weight(sigma, sigma_data) * err, sigma
+  return edm_loss_weight(sigma, sigma_data) * err
 
 
 # ----------------------------------------------------------------------------

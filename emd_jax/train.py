@@ -17,7 +17,7 @@ from absl import logging
 
 from emd_jax import checkpoint as ckpt_lib
 from emd_jax import export as export_lib
-from emd_jax import loop, nets, parallel, teachers
+from emd_jax import faults, loop, nets, parallel, teachers
 from emd_jax import metrics as metrics_lib
 from emd_jax.config_validation import validate_distill
 from emd_jax.diffusion import Schedule, noise_dist_from_config
@@ -44,10 +44,19 @@ class Setup:
 
 
 def student_spec(config, teacher: Teacher) -> dict:
-  """The generator / fake-denoiser architecture: the teacher's own when it is a network."""
+  """The generator / fake-denoiser architecture: the teacher's own when it is a network.
+
+  `config.compute_dtype` (e.g. "bfloat16") sets the activation dtype; parameters and
+  optimizer state stay float32.
+  """
   if teacher.spec.get("kind") == "network":
-    return dict(teacher.spec["net"])
+    spec = dict(teacher.spec["net"])
+    if config.get("compute_dtype"):
+      spec["dtype"] = config.compute_dtype
+    return spec
   spec = dict(config.net)
+  if config.get("compute_dtype"):
+    spec["dtype"] = config.compute_dtype
   if spec["arch"] == "mlp":
     if len(teacher.data_shape) != 1:
       raise ValueError(f"net.arch 'mlp' needs vector data, the teacher's data shape is {teacher.data_shape}")
@@ -85,6 +94,8 @@ def build_setup(config, teacher: Teacher | None = None) -> Setup:
     noise_cancellation=config.estep.noise_cancellation,
     fake_steps=config.fake.steps_per_gen_step,
     ema_decay=config.generator.ema_decay,
+    grad_accum_steps=config.get("grad_accum_steps", 1),
+    remat=config.get("remat", "none"),
   )
   return Setup(teacher, spec, module, step_cfg, make_optimizer(config.generator), make_optimizer(config.fake))
 
@@ -230,6 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teacher:
     meta={"config": config.to_dict(), "fingerprint": fingerprint},
     evaluate=evaluate_fn,
     console_keys=["loss/generator", "loss/fake_dsm", "grad_norm/generator"],
+    nan_step_fn=lambda st: train_step(st, faults.poisoned(teacher_params)),  # only config.debug.nan_at_steps
   )
   if config.export_at_end and jax.process_index() == 0:
     path = export(config, setup, state, workdir)

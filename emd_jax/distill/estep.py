@@ -63,6 +63,7 @@ def langevin_estep(
   sigma_z: float = 1.0,
   noise_cancellation: bool = True,
   x0: Array | None = None,
+  per_example_keys: bool = False,
 ) -> EStepResult:
   """Runs `num_steps` Langevin steps on `(eps, z)`; pure and jittable.
 
@@ -76,6 +77,9 @@ def langevin_estep(
     gamma_z: scalar or per-example `[B]` latent step size; a Python 0 freezes z.
     sigma_z: prior std of the latent.
     x0: `g(z0)` if already computed (required when z is frozen).
+    per_example_keys: `rng` is a batch of keys `[B]`, one per chain, so that each
+      chain's noise does not depend on how the batch is split (gradient
+      accumulation gives the same chains as one big batch).
   """
   if num_steps < 1:
     raise ValueError(f"estep.num_steps must be >= 1 for the E-step, got {num_steps}")
@@ -87,14 +91,20 @@ def langevin_estep(
   g_eps = gamma_eps
   g_z = expand_to(jnp.asarray(gamma_z, eps0.dtype), z0) if move_z else 0.0
 
-  def body(carry, key):
+  def draw(key, i, tag, like):
+    if per_example_keys:
+      return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(jax.random.fold_in(k, i), tag), like.shape[1:]))(
+        key
+      )
+    return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), tag), like.shape, like.dtype)
+
+  def body(carry, i):
     eps, z, noise, x0_cur = carry
-    key_eps, key_z = jax.random.split(key)
     if move_z:
       x0_cur, g_vjp = jax.vjp(gen_fn, z)
     x_t = a * x0_cur + s * eps
     d, _, _ = score_gap(teacher_fn, fake_fn, x_t, alpha, sigma)
-    n = jax.random.normal(key_eps, eps.shape, eps.dtype)
+    n = draw(rng, i, 0, eps)
     drift = g_eps * (d - eps)
     kick = jnp.sqrt(2.0 * g_eps) * n
     eps_new = eps + drift + kick
@@ -102,12 +112,11 @@ def langevin_estep(
     if move_z:
       (jtd,) = g_vjp(d)
       grad_z = (a / s) * jtd - z / sigma_z**2
-      z = z + g_z * grad_z + jnp.sqrt(2.0 * g_z) * jax.random.normal(key_z, z.shape, z.dtype)
+      z = z + g_z * grad_z + jnp.sqrt(2.0 * g_z) * draw(rng, i, 1, z)
     ratio = jnp.mean(_per_example_norm(drift) / (_per_example_norm(kick) + 1e-12))
     return (eps_new, z, noise_new, x0_cur), (ratio, jnp.mean(_per_example_norm(d)))
 
-  keys = jax.random.split(rng, num_steps)
-  (eps, z, noise, x0_last), (ratios, d_norms) = jax.lax.scan(body, (eps0, z0, eps0, x0), keys)
+  (eps, z, noise, x0_last), (ratios, d_norms) = jax.lax.scan(body, (eps0, z0, eps0, x0), jnp.arange(num_steps))
   if move_z:
     x0_last = None  # the M-step evaluates (and differentiates) g at z_K itself
   eps_nc = eps - noise if noise_cancellation else eps

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from emd_jax.diffusion import NoiseDist, dsm_loss
+from emd_jax.diffusion import NoiseDist, dsm_loss_at
 
 Array = jax.Array
 
@@ -28,17 +28,28 @@ def fake_dsm_update(
 
   Returns `(new_params, new_opt_state, loss, grad_norm, grads_finite)`.
   """
-  x = jax.lax.stop_gradient(x)
-
-  def loss_fn(p):
-    per_example, _ = dsm_loss(lambda xx, s, lab: fake_apply(p, xx, s, lab), x, rng, dist, labels, sigma_data)
-    return jnp.mean(per_example)
-
-  loss, grads = jax.value_and_grad(loss_fn)(params)
+  k_sigma, k_noise = jax.random.split(rng)
+  sigma = dist.sample(k_sigma, (x.shape[0],))
+  noise = jax.random.normal(k_noise, x.shape, x.dtype)
+  loss, grads = dsm_loss_and_grad(fake_apply, params, x, sigma, noise, labels, sigma_data)
   updates, new_opt_state = tx.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
   finite = jnp.isfinite(loss) & all_finite(grads)
   return new_params, new_opt_state, loss, optax.global_norm(grads), finite
+
+
+def dsm_loss_and_grad(net_apply: Callable, params, x: Array, sigma: Array, noise: Array, labels, sigma_data: float):
+  """Mean EDM denoising loss of `net_apply(params, ...)` on `stop_grad(x)` and its gradient.
+
+  `sigma` `[B]` and `noise` `[B, ...]` are given, so callers control the randomness.
+  """
+  x = jax.lax.stop_gradient(x)
+
+  def loss_fn(p):
+    den = lambda xx, s, lab: net_apply(p, xx, s, labels)  # noqa: E731
+    return jnp.mean(dsm_loss_at(den, x, sigma, noise, labels, sigma_data))
+
+  return jax.value_and_grad(loss_fn)(params)
 
 
 def all_finite(tree) -> Array:
