@@ -48,7 +48,50 @@ def validate_common(config) -> None:
     if name in config:
       _require(config[name] > 0, name, f"must be > 0, got {config[name]}")
   if "max_checkpoints" in config:
-    _require(config.max_checkpoints >= 1, "max_checkpoints", "must be >= 1")
+    _require(config.max_checkpoints >= 1, "max_checkpoints", f"must be >= 1, got {config.max_checkpoints}")
+  if "nonfinite_limit" in config:
+    _require(config.nonfinite_limit >= 1, "nonfinite_limit", f"must be >= 1, got {config.nonfinite_limit}")
+  if "spike_factor" in config:
+    _require(config.spike_factor >= 0, "spike_factor", f"must be >= 0 (0: off), got {config.spike_factor}")
+  if "eval_num_samples" in config:
+    _require(config.eval_num_samples > 0, "eval_num_samples", f"must be > 0, got {config.eval_num_samples}")
+  if "seed" in config:
+    _require(0 <= config.seed < 2**31, "seed", f"must be in [0, 2^31), got {config.seed}")
+  if "mesh" in config:
+    _check_mesh(config)
+  if config.get("debug") is not None:
+    _check_debug(config.debug)
+
+
+def _check_mesh(config) -> None:
+  """The mesh must fit the devices, and the batch must split over it."""
+  import jax
+
+  n = jax.device_count()
+  fsdp, data = config.mesh.get("fsdp", 1), config.mesh.get("data", -1)
+  _require(fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {fsdp}")
+  _require(data == -1 or data >= 1, "mesh.data", f"must be >= 1 or -1 (all remaining devices), got {data}")
+  if data == -1:
+    _require(n % fsdp == 0, "mesh.fsdp", f"{fsdp} does not divide the {n} available devices")
+    data = n // fsdp
+  _require(data * fsdp == n, "mesh.data", f"data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are available")
+  _require(
+    config.batch_size % (data * fsdp) == 0,
+    "batch_size",
+    f"{config.batch_size} is not divisible by the {data * fsdp} data-parallel devices of the mesh",
+  )
+
+
+def _check_debug(debug) -> None:
+  from emd_jax.faults import KILL_PHASES
+
+  steps = debug.get("nan_at_steps") or ()
+  _require(all(int(s) >= 1 for s in steps), "debug.nan_at_steps", f"step numbers must be >= 1, got {tuple(steps)}")
+  _require(
+    debug.get("kill_phase", "step") in KILL_PHASES,
+    "debug.kill_phase",
+    f"must be one of {KILL_PHASES}, got {debug.get('kill_phase')!r}",
+  )
 
 
 def validate_distill(config) -> None:
@@ -86,6 +129,7 @@ def validate_distill(config) -> None:
   _check_optimizer(config.fake, "fake")
   _check_noise(config.fake.noise, "fake.noise")
   _check_noise(config.loss.noise, "loss.noise")
+  _check_net(config)
   t = config.teacher
   _require(
     t.kind in ("gmm", "checkpoint"), "teacher.kind", f"unknown teacher kind {t.kind!r}; known: 'gmm', 'checkpoint'"
@@ -107,3 +151,90 @@ def validate_distill(config) -> None:
 
     path = resolve_path(t.checkpoint)
     _require(os.path.isdir(path), "teacher.checkpoint", f"teacher checkpoint not found: {t.checkpoint} ({path})")
+    for name in ("teacher.json", "params.msgpack"):
+      _require(
+        os.path.isfile(os.path.join(path, name)),
+        "teacher.checkpoint",
+        f"{t.checkpoint} is not a teacher checkpoint: {name} is missing",
+      )
+    _check_teacher_checkpoint(path)
+
+
+def _check_net(config) -> None:
+  """The student network must fit the teacher's data (analytic teachers: vectors, hence an MLP)."""
+  if "net" not in config:
+    return
+  from emd_jax import nets
+
+  arch = config.net.get("arch")
+  _require(arch in nets._BUILDERS, "net.arch", f"unknown network arch {arch!r}; known: {sorted(nets._BUILDERS)}")
+  if config.teacher.kind == "gmm":
+    _require(
+      arch == "mlp",
+      "net.arch",
+      f"{arch!r} needs image data [H, W, C]; the gmm teacher's data are vectors of dimension {config.teacher.dim} "
+      "(use 'mlp')",
+    )
+  if arch == "mlp":
+    for name in ("hidden", "depth", "emb_dim"):
+      if name in config.net:
+        _require(config.net[name] >= 1, f"net.{name}", f"must be >= 1, got {config.net[name]}")
+  if "dtype" in config.net:
+    _require(
+      config.net.dtype in ("float32", "bfloat16", "float16"),
+      "net.dtype",
+      f"must be 'float32', 'bfloat16' or 'float16', got {config.net.dtype!r}",
+    )
+
+
+_MAX_CHECKED_PARAMS_BYTES = 1 << 30  # larger teachers are checked when they are loaded
+
+
+def _check_teacher_checkpoint(path: str) -> None:
+  """teacher.json parses and names a known net whose parameter shapes match params.msgpack."""
+  import json
+  import os
+
+  import jax
+  import jax.numpy as jnp
+  from flax import serialization
+
+  from emd_jax import nets
+  from emd_jax.teachers import network
+
+  try:
+    info = network.read_info(path)
+    spec, data_shape = info["net"], tuple(info["data_shape"])
+  except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+    raise ConfigError("teacher.checkpoint", f"{path}/teacher.json is unusable: {type(e).__name__}: {e}") from e
+  _require(
+    spec.get("arch") in nets._BUILDERS,
+    "teacher.checkpoint",
+    f"{path}/teacher.json: unknown network arch {spec.get('arch')!r}; known: {sorted(nets._BUILDERS)}",
+  )
+  params_file = os.path.join(path, network.PARAMS_FILE)
+  if os.path.getsize(params_file) > _MAX_CHECKED_PARAMS_BYTES:
+    return
+  try:
+    with open(params_file, "rb") as f:
+      params = serialization.msgpack_restore(f.read())
+  except Exception as e:  # noqa: BLE001  (msgpack raises several types on a damaged file)
+    raise ConfigError("teacher.checkpoint", f"{params_file} cannot be read: {type(e).__name__}: {e}") from e
+  labels = jnp.zeros((1, info.get("num_classes", 0))) if info.get("num_classes") else None
+  try:
+    module = nets.build(spec)
+    expected = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, *data_shape)), jnp.ones((1,)), labels)
+  except Exception as e:  # noqa: BLE001  (a spec the network cannot be built from)
+    raise ConfigError("teacher.checkpoint", f"{path}/teacher.json: net cannot be built: {type(e).__name__}: {e}") from e
+  want = {
+    jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(expected["params"])[0]
+  }
+  got = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  diff = [f"{k}: file {got.get(k, 'missing')}, net {want.get(k, 'absent')}" for k in sorted(set(want) | set(got))]
+  diff = [d for d, k in zip(diff, sorted(set(want) | set(got)), strict=True) if got.get(k) != want.get(k)]
+  _require(
+    not diff,
+    "teacher.checkpoint",
+    f"{params_file} does not match the net in teacher.json ({json.dumps(spec.get('arch'))}, data shape "
+    f"{list(data_shape)}): " + "; ".join(diff[:4]) + (" ..." if len(diff) > 4 else ""),
+  )

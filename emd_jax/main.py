@@ -14,13 +14,33 @@ import importlib
 from absl import app, flags
 from ml_collections import config_flags
 
-from emd_jax.cli import UserError, run_app
+from emd_jax.cli import UserError, execute, run_app
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (python, get_config()).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
-_COORD = flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process runs off TPU).")
-_NPROC = flags.DEFINE_integer("num_processes", 0, "Number of processes (with --coordinator_address).")
-_PID = flags.DEFINE_integer("process_id", -1, "This process' index (with --coordinator_address).")
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv: list[str] | None = None) -> dict:
+  """Defines the trainer's flags on `flag_values`; returns their holders by name.
+
+  `sys_argv` is the command line the `--config.*` overrides are read from (default: `sys.argv`).
+  """
+  fv = flag_values
+  return {
+    "config": config_flags.DEFINE_config_file(
+      "config", None, "Config file (python, get_config()).", flag_values=fv, lock_config=True, sys_argv=sys_argv
+    ),
+    "workdir": flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.", flag_values=fv),
+    "coordinator_address": flags.DEFINE_string(
+      "coordinator_address", "", "host:port of process 0 (multi-process runs off TPU).", flag_values=fv
+    ),
+    "num_processes": flags.DEFINE_integer(
+      "num_processes", 0, "Number of processes (with --coordinator_address).", flag_values=fv
+    ),
+    "process_id": flags.DEFINE_integer(
+      "process_id", -1, "This process' index (with --coordinator_address).", flag_values=fv
+    ),
+  }
+
+
+_FLAGS = define_flags()
 
 # job name -> "module:function(config, workdir)"
 JOBS = {
@@ -42,24 +62,40 @@ def run(config, workdir: str) -> dict:
   return getattr(module, fn)(config, workdir)
 
 
-def main(argv):
+def main(argv, holders: dict | None = None):
+  f = _FLAGS if holders is None else holders
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if _CONFIG.value is None:
+  if f["config"].value is None:
     raise app.UsageError("--config is required")
-  if not _WORKDIR.value:
+  if not f["workdir"].value:
     raise app.UsageError("--workdir is required")
   from emd_jax import parallel
 
-  parallel.initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
-  run(_CONFIG.value, _WORKDIR.value)
+  parallel.initialize_distributed(f["coordinator_address"].value, f["num_processes"].value, f["process_id"].value)
+  run(f["config"].value, f["workdir"].value)
 
 
-def entry():
+def _user_errors() -> tuple[type[BaseException], ...]:
   from emd_jax.config_validation import ConfigError
   from emd_jax.train import TrainingError
 
-  run_app(main, (ConfigError, TrainingError))
+  return (ConfigError, TrainingError)
+
+
+def run_in_process(argv: list[str]) -> int:
+  """The command line without a new process (tests): fresh flags, returns the exit code.
+
+  `argv` excludes the program name, e.g. `["--config", "configs/gmm.py:tiny", "--workdir", d]`.
+  """
+  argv = ["emd_jax.main", *argv]
+  fv = flags.FlagValues()
+  holders = define_flags(fv, sys_argv=argv)
+  return execute(lambda rest: main(rest, holders), argv, fv, _user_errors())
+
+
+def entry():
+  run_app(main, _user_errors())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,225 @@
+"""Fault injection: kills, preemption, corrupt checkpoints, NaN steps, loss spikes (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.gmm import get_config
+from emd_jax import checkpoint as ckpt_lib
+from emd_jax import loop, train
+from emd_jax.preemption import PREEMPTED_EXIT_CODE, Preempted
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, EVERY = 20, 5
+# Short runs, a checkpoint every 5 steps, no evaluation before the end, no export.
+BASE = {
+  "total_steps": STEPS,
+  "checkpoint_every": EVERY,
+  "log_every": EVERY,
+  "eval_every": 1000,
+  "export_at_end": False,
+}
+
+
+def tiny(**overrides):
+  c = get_config("tiny")
+  for k, v in {**BASE, **overrides}.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def _equal(a, b) -> bool:
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb, strict=True))
+
+
+def _restore(workdir, like, step: int | None = None):
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  step = ck.latest_step() if step is None else step
+  state, _ = ck.restore(step, ckpt_lib.abstract_like(like))
+  ck.close()
+  return state
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """The uninterrupted run every faulty run must reproduce bit for bit."""
+  return train.train_and_evaluate(tiny(), str(tmp_path_factory.mktemp("reference")))["state"]
+
+
+# ----------------------------------------------------------------------------- kills and preemption
+
+
+def _cli(workdir, *overrides):
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  }
+  args = [f"--config.{k}={v}" for k, v in BASE.items()] + [f"--config.{o}" for o in overrides]
+  cmd = [sys.executable, "-m", "emd_jax.main", "--config", "configs/gmm.py:tiny", "--workdir", str(workdir), *args]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _resumed_from(text: str) -> int:
+  lines = [ln for ln in text.splitlines() if ln.startswith("resumed from checkpoint step")]
+  return int(lines[-1].split()[-1]) if lines else 0
+
+
+def test_sigkill_anywhere_and_sigterm_resume_bit_identically(tmp_path, reference):
+  """SIGKILL during an async checkpoint write, SIGKILL between steps, SIGTERM: then the same final state."""
+  rng = np.random.default_rng(6)
+  k1 = int(rng.choice([EVERY, 2 * EVERY]))  # killed right after the save of k1 started
+  k2 = int(rng.integers(k1 + 1, 3 * EVERY + 1))  # killed after an update
+  k3 = int(rng.integers(k2 + 1, STEPS))  # SIGTERM: checkpoint and exit 75
+  w = tmp_path / "w"
+  r = _cli(w, f"debug.kill_at_step={k1}", "debug.kill_phase=save")
+  assert r.returncode == -9, r.stderr[-2000:]
+  r = _cli(w, f"debug.kill_at_step={k2}", "debug.kill_phase=step")
+  assert r.returncode == -9, r.stderr[-2000:]
+  resumed = _resumed_from(r.stdout)
+  assert k1 - EVERY <= resumed <= k1, r.stdout  # at most one checkpoint interval lost
+  r = _cli(w, f"debug.sigterm_at_step={k3}")
+  assert r.returncode == PREEMPTED_EXIT_CODE, r.stderr[-2000:]
+  assert k2 - EVERY <= _resumed_from(r.stdout) <= k2, r.stdout
+  assert f"preempted (SIGTERM) at step {k3}: checkpoint saved" in r.stderr
+  assert "Traceback" not in r.stderr
+  r = _cli(w)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert _resumed_from(r.stdout) == k3  # nothing lost on a preemption
+  assert _equal(_restore(w, reference), reference)
+
+
+def test_sigterm_in_process_saves_current_step_and_resumes_exactly(tmp_path, reference):
+  with pytest.raises(Preempted, match="at step 7"):
+    train.train_and_evaluate(tiny(**{"debug.sigterm_at_step": 7}), str(tmp_path))
+  assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 7
+  out = train.train_and_evaluate(tiny(), str(tmp_path))
+  assert _equal(out["state"], reference)
+
+
+# ----------------------------------------------------------------------------- corrupt checkpoints
+
+
+def _data_files(step_dir: str) -> list[str]:
+  """The state's array data files (OCDBT: several per step; which one holds an array varies)."""
+  files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+  return [f for f in files if os.path.isfile(f)]
+
+
+def _truncate(step_dir):
+  for f in _data_files(step_dir):
+    with open(f, "r+b") as fh:
+      fh.truncate(os.path.getsize(f) // 2)
+
+
+def _drop(item):
+  def fn(step_dir):
+    import shutil
+
+    shutil.rmtree(os.path.join(step_dir, item))
+
+  return fn
+
+
+@pytest.mark.parametrize(
+  "corrupt, reason",
+  [(_truncate, "Error reading"), (_drop("meta"), "meta"), (_drop("state"), "state")],
+  ids=["truncated", "no-meta", "no-state"],
+)
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept_aside(tmp_path, reference, capsys, corrupt, reason):
+  w = str(tmp_path)
+  train.train_and_evaluate(tiny(total_steps=15), w)
+  ckdir = os.path.join(w, "checkpoints")
+  corrupt(os.path.join(ckdir, "15"))
+  capsys.readouterr()
+  out = train.train_and_evaluate(tiny(), w)
+  text = capsys.readouterr().out
+  assert "checkpoint step 15 is unusable" in text and reason in text, text
+  assert "resumed from checkpoint step 10" in text
+  aside = glob.glob(os.path.join(ckdir, f"{ckpt_lib.QUARANTINE_PREFIX}15-*"))
+  assert len(aside) == 1 and "WHY_QUARANTINED.txt" in os.listdir(aside[0])  # renamed, not deleted
+  assert _equal(out["state"], reference)  # step 15 was written again, from good data
+
+
+def test_checkpointer_detects_shape_mismatch_and_reuses_a_quarantined_step(tmp_path):
+  ck = ckpt_lib.Checkpointer(str(tmp_path), asynchronous=False)
+  tree = {"a": jnp.arange(100, dtype=jnp.float32), "b": jnp.ones((3, 3), jnp.bfloat16)}
+  ck.save(1, tree, {"note": "x"})
+  ck.wait()
+  other = {"a": jax.ShapeDtypeStruct((50,), jnp.float32), "b": jax.ShapeDtypeStruct((3, 3), jnp.bfloat16)}
+  with pytest.raises(ckpt_lib.CorruptCheckpointError, match="step 1 is unusable"):
+    ck.restore(1, other)
+  restored, meta = ck.restore(1, ckpt_lib.abstract_like(tree))
+  assert _equal(restored, tree) and meta["note"] == "x" and len(meta["checksums"]) == 2
+  # Bytes that changed after the write (restores without an Orbax error): the checksums catch it.
+  bad = {**tree, "a": tree["a"].at[7].set(0.0)}
+  ck._mngr.save(
+    2,
+    args=ckpt_lib.ocp.args.Composite(state=ckpt_lib.ocp.args.StandardSave(bad), meta=ckpt_lib.ocp.args.JsonSave(meta)),
+  )
+  ck.wait()
+  with pytest.raises(
+    ckpt_lib.CorruptCheckpointError, match=r"step 2 is unusable: checksum mismatch in 1 array\(s\): \['a'\]"
+  ):
+    ck.restore(2, ckpt_lib.abstract_like(tree))
+  ck.quarantine(2, "test")
+  ck.quarantine(1, "test")
+  assert ck.all_steps() == []
+  ck.save(1, tree, {})  # the same step number again: no collision with the one moved aside
+  ck.wait()
+  assert ck.all_steps() == [1]
+  ck.close()
+
+
+def test_wrong_workdir_is_an_error_naming_the_fields(tmp_path):
+  w = str(tmp_path)
+  train.train_and_evaluate(tiny(total_steps=5), w)
+  with pytest.raises(train.TrainingError, match=r"net\.hidden: checkpoint 32, this run 16.*new --workdir"):
+    train.train_and_evaluate(tiny(**{"net.hidden": 16}), w)
+  assert os.listdir(os.path.join(w, "checkpoints")) == ["5"]  # nothing moved, nothing written
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def test_injected_nan_steps_are_skipped_counted_and_logged(tmp_path, capsys, reference):
+  out = train.train_and_evaluate(tiny(**{"debug.nan_at_steps": (3, 4)}), str(tmp_path))
+  text = capsys.readouterr().out
+  st = out["state"]
+  assert int(st.nonfinite_count) == 2 and int(st.step) == STEPS
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(st.gen_params))
+  assert "step 3: non-finite" in text and "step 4: non-finite" in text and "seed 0, 2)" in text
+  assert not _equal(st.gen_params, reference.gen_params)  # two updates fewer
+
+
+def test_nonfinite_limit_stops_with_last_good_checkpoint(tmp_path):
+  w = str(tmp_path)
+  nan_steps = tuple(range(8, STEPS + 1))
+  with pytest.raises(train.TrainingError, match="consecutive non-finite"):
+    train.train_and_evaluate(tiny(nonfinite_limit=3, **{"debug.nan_at_steps": nan_steps}), w)
+  ck = ckpt_lib.Checkpointer(os.path.join(w, "checkpoints"))
+  assert ck.all_steps() == [5]  # the stop came at log step 10, before its checkpoint: step 5 is the last good one
+  ck.close()
+
+
+def test_spike_monitor():
+  mon = loop.SpikeMonitor(factor=10.0, decay=0.5, warmup=3)
+  for step in range(5):
+    assert mon.update(step, {"loss/a": 1.0, "other": 1e9}) == []
+  assert mon.update(5, {"loss/a": 50.0, "loss/b": 1.0}) == ["loss/a"]
+  assert mon.update(6, {"loss/a": float("nan")}) == [] and mon.count == 1
+  assert loop.SpikeMonitor(factor=0.0).update(0, {"loss/a": 1e9}) == []
