@@ -48,6 +48,11 @@ def _parse(argv: list[str], flag_values: flags.FlagValues) -> list[str]:
   try:
     return flag_values(argv)
   except flags.Error as e:
+    text = str(e)
+    if "Traceback (most recent call last)" in text:  # a config file that raised: keep its last line
+      last = [ln.strip() for ln in text.splitlines() if ln.strip()][-1]
+      flag = text.split("=")[0].removeprefix("flag ").strip()
+      _die(f"{flag}: the config file failed to load: {last}")
     _die(_one_line(e))
   except (KeyError, AttributeError) as e:
     key = str(e).strip("\"'").split("'")[0]

@@ -66,14 +66,20 @@ def main(argv, holders: dict | None = None):
   f = _FLAGS if holders is None else holders
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if f["config"].value is None:
+  try:
+    config = f["config"].value  # ml_collections reports a file that failed to load lazily, on first use
+    if config is not None:
+      config.get("job")
+  except Exception as e:  # noqa: BLE001  (whatever the config file raised)
+    raise UserError(f"--config: the config file failed to load: {type(e).__name__}: {e}") from e
+  if config is None:
     raise app.UsageError("--config is required")
   if not f["workdir"].value:
     raise app.UsageError("--workdir is required")
   from emd_jax import parallel
 
   parallel.initialize_distributed(f["coordinator_address"].value, f["num_processes"].value, f["process_id"].value)
-  run(f["config"].value, f["workdir"].value)
+  run(config, f["workdir"].value)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -91,10 +91,13 @@ def test_sigkill_anywhere_and_sigterm_resume_bit_identically(tmp_path, reference
   r = _cli(w, f"debug.kill_at_step={k2}", "debug.kill_phase=step")
   assert r.returncode == -9, r.stderr[-2000:]
   resumed = _resumed_from(r.stdout)
-  assert k1 - EVERY <= resumed <= k1, r.stdout  # at most one checkpoint interval lost
+  assert k1 - EVERY <= resumed <= k1, r.stdout  # the write killed mid-way is ignored, or it had completed
   r = _cli(w, f"debug.sigterm_at_step={k3}")
   assert r.returncode == PREEMPTED_EXIT_CODE, r.stderr[-2000:]
-  assert k2 - EVERY <= _resumed_from(r.stdout) <= k2, r.stdout
+  # SIGKILL loses the steps since the last committed checkpoint: the newest one started at or
+  # before k2, or the one before it if that write was still in flight (docs/reliability.md).
+  newest = k2 // EVERY * EVERY
+  assert newest - EVERY <= _resumed_from(r.stdout) <= newest, r.stdout
   assert f"preempted (SIGTERM) at step {k3}: checkpoint saved" in r.stderr
   assert "Traceback" not in r.stderr
   r = _cli(w)
