@@ -230,7 +230,7 @@ def init_state(setup: Setup, key: Array) -> UD2MState:
 
 
 def _tree_norm(tree) -> Array:
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)
 
 
 def make_train_step(setup: Setup, base_key: Array, batch_sharding=None) -> Callable:
