@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -57,6 +58,14 @@ def _restore(workdir, like, step: int | None = None):
 def reference(tmp_path_factory):
   """The uninterrupted run every faulty run must reproduce bit for bit."""
   return train.train_and_evaluate(tiny(), str(tmp_path_factory.mktemp("reference")))["state"]
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory):
+  """A run stopped at step 15 (checkpoints 5, 10, 15); tests copy it before damaging it."""
+  w = str(tmp_path_factory.mktemp("partial") / "w")
+  train.train_and_evaluate(tiny(total_steps=15), w)
+  return w
 
 
 # ----------------------------------------------------------------------------- kills and preemption
@@ -131,8 +140,6 @@ def _truncate(step_dir):
 
 def _drop(item):
   def fn(step_dir):
-    import shutil
-
     shutil.rmtree(os.path.join(step_dir, item))
 
   return fn
@@ -143,9 +150,9 @@ def _drop(item):
   [(_truncate, "Error reading"), (_drop("meta"), "meta"), (_drop("state"), "state")],
   ids=["truncated", "no-meta", "no-state"],
 )
-def test_corrupt_latest_checkpoint_falls_back_and_is_kept_aside(tmp_path, reference, capsys, corrupt, reason):
-  w = str(tmp_path)
-  train.train_and_evaluate(tiny(total_steps=15), w)
+def test_corrupt_latest_checkpoint_falls_back_and_is_kept_aside(tmp_path, reference, partial, capsys, corrupt, reason):
+  w = str(tmp_path / "w")
+  shutil.copytree(partial, w)
   ckdir = os.path.join(w, "checkpoints")
   corrupt(os.path.join(ckdir, "15"))
   capsys.readouterr()
@@ -188,12 +195,12 @@ def test_checkpointer_detects_shape_mismatch_and_reuses_a_quarantined_step(tmp_p
   ck.close()
 
 
-def test_wrong_workdir_is_an_error_naming_the_fields(tmp_path):
-  w = str(tmp_path)
-  train.train_and_evaluate(tiny(total_steps=5), w)
+def test_wrong_workdir_is_an_error_naming_the_fields(tmp_path, partial):
+  w = str(tmp_path / "w")
+  shutil.copytree(partial, w)
   with pytest.raises(train.TrainingError, match=r"net\.hidden: checkpoint 32, this run 16.*new --workdir"):
     train.train_and_evaluate(tiny(**{"net.hidden": 16}), w)
-  assert os.listdir(os.path.join(w, "checkpoints")) == ["5"]  # nothing moved, nothing written
+  assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["10", "15", "5"]  # nothing moved or written
 
 
 # ----------------------------------------------------------------------------- divergence
@@ -207,6 +214,15 @@ def test_injected_nan_steps_are_skipped_counted_and_logged(tmp_path, capsys, ref
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(st.gen_params))
   assert "step 3: non-finite" in text and "step 4: non-finite" in text and "seed 0, 2)" in text
   assert not _equal(st.gen_params, reference.gen_params)  # two updates fewer
+  # The logged step can be replayed: same input state, key and (non-finite) outcome.
+  from emd_jax.replay import replay_step
+
+  cfg = tiny(**{"debug.nan_at_steps": (3, 4)})
+  again = replay_step(cfg, str(tmp_path), 4)
+  assert again["from_checkpoint"] is None and int(again["metrics"]["nonfinite/skipped"]) == 1
+  later = replay_step(cfg, str(tmp_path), 12)
+  assert later["from_checkpoint"] == 10 and int(later["state"].step) == 11
+  assert int(later["metrics"]["nonfinite/skipped"]) == 0
 
 
 def test_nonfinite_limit_stops_with_last_good_checkpoint(tmp_path):

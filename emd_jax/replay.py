@@ -1,0 +1,86 @@
+"""Replay one distillation update exactly: its input state, its key, its metrics.
+
+A skipped (non-finite) step is logged with its number N; its key is
+`fold_in(base key, N - 1)` and its input is the state after update N - 1, so it
+can be rebuilt from the newest checkpoint before N by rerunning the updates in
+between (resume is bit-exact, see docs/reliability.md):
+
+  python -m emd_jax.replay --config configs/gmm.py --workdir runs/gmm --step 1234
+
+prints the update's metrics; from Python, `replay_step(config, workdir, step)`
+also returns the input state and the key, to inspect in a notebook. Injected
+faults (`config.debug.nan_at_steps`) are replayed too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+
+
+def replay_step(config: ml_collections.ConfigDict, workdir: str, step: int) -> dict:
+  """Recomputes update `step` (1-based) of the run in `workdir`.
+
+  Returns `{"state": input state, "key": the update's key, "metrics": its metrics,
+  "from_checkpoint": the step restored (None: from initialisation)}`.
+  """
+  from emd_jax import checkpoint as ckpt_lib
+  from emd_jax import faults, parallel, train
+  from emd_jax.distill.state import create_state
+
+  config = ml_collections.ConfigDict(config)
+  train.validate_distill(config)
+  if step < 1:
+    raise ValueError(f"--step: update numbers start at 1, got {step}")
+  setup = train.build_setup(config)
+  mesh = parallel.make_mesh(config.mesh)
+  k_state, k_init, _ = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+  abstract = train.abstract_state(setup, k_state)
+  step_fn, state_sh, teacher_sh = train.sharded_step(setup, mesh, abstract)
+  teacher = jax.device_put(setup.teacher.params, teacher_sh)
+  plan = faults.FaultPlan.from_config(config.get("debug"))
+
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  before = [s for s in ck.all_steps() if s < step]
+  if before:
+    state, _ = ck.restore(before[-1], ckpt_lib.abstract_like(abstract, state_sh))
+  else:
+    params = train.initial_student_params(config, setup, k_init)
+    state = jax.device_put(create_state(k_state, params, setup.tx_gen, setup.tx_fake), state_sh)
+  ck.close()
+  for n in range(int(state.step) + 1, step):
+    state, _ = step_fn(state, faults.poisoned(teacher) if plan.poison_step(n) else teacher)
+  inputs = jax.device_get(state)
+  key = jax.random.fold_in(jax.random.wrap_key_data(inputs.rng, impl="threefry2x32"), inputs.step)
+  _, metrics = step_fn(state, faults.poisoned(teacher) if plan.poison_step(step) else teacher)
+  return {
+    "state": inputs,
+    "key": key,
+    "metrics": jax.device_get(metrics),
+    "from_checkpoint": before[-1] if before else None,
+  }
+
+
+def main(argv: list[str]) -> None:
+  from absl import flags
+
+  out = replay_step(_CONFIG.value, flags.FLAGS.workdir, flags.FLAGS.step)
+  origin = f"checkpoint {out['from_checkpoint']}" if out["from_checkpoint"] is not None else "initialisation"
+  print(f"update {flags.FLAGS.step} replayed from {origin}; key data {jax.random.key_data(out['key']).tolist()}")
+  for k, v in sorted(out["metrics"].items()):
+    print(f"  {k} = {float(v):.6g}")
+
+
+if __name__ == "__main__":
+  from absl import flags
+  from ml_collections import config_flags
+
+  from emd_jax.cli import run_app
+  from emd_jax.config_validation import ConfigError
+
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "The run's directory.", required=True)
+  flags.DEFINE_integer("step", None, "The update to replay (as logged).", required=True)
+  run_app(main, (ConfigError, ValueError))
