@@ -2,9 +2,9 @@
 
 For each preset of `emd_jax.distill.methods.PRESETS` (ALGORITHMS.md section 6):
 
-  1. timing probe: the jitted train step of that method, timed for
-     `--probe_seconds` after compilation (random student weights: the rate does
-     not depend on their values);
+  1. timing probes, all methods back to back before any training: the jitted
+     train step of each method, timed for `--probe_seconds` after compilation
+     (random student weights: the rate does not depend on their values);
   2. `total_steps = seconds * rate` (or `--steps` for a fixed count), then
      `emd_jax.train.train_and_evaluate(config, WORKDIR/<method>)`: the real
      run, surrogate fit included, from the default `configs/gmm.py`;
@@ -199,19 +199,28 @@ def run_benchmark(args) -> dict:
     },
   }
   for method in methods:
+    workdir = os.path.join(args.workdir, method)
+    if os.path.exists(workdir) and not args.overwrite:
+      raise SystemExit(f"{workdir} exists (it would be resumed): pass --overwrite or another --workdir")
+  # All probes first, back to back: on a shared machine the load drifts over a
+  # long benchmark, and adjacent probes keep the methods' relative costs honest.
+  rates = {}
+  if not args.steps:
+    for method in methods:
+      rates[method] = probe_rate(method_config(method, args.seed, args.config), args.probe_seconds)
+      print(f"[gmm_methods] probe {method}: {rates[method]:.1f} steps/s", flush=True)
+  for method in methods:
     config = method_config(method, args.seed, args.config)
     workdir = os.path.join(args.workdir, method)
     if os.path.exists(workdir):
-      if not args.overwrite:
-        raise SystemExit(f"{workdir} exists (it would be resumed): pass --overwrite or another --workdir")
       shutil.rmtree(workdir)
-    rate = probe_rate(config, args.probe_seconds)
+    rate = rates.get(method)
     steps = args.steps or max(int(args.seconds * rate), 1)
     config.total_steps = steps
     config.eval_every = steps  # one in-loop evaluation, at the end
     config.checkpoint_every = steps
     config.log_every = max(min(config.log_every, steps // 10), 1)
-    print(f"[gmm_methods] {method}: probe {rate:.1f} steps/s -> {steps} steps", flush=True)
+    print(f"[gmm_methods] {method}: {steps} steps", flush=True)
     t0 = time.perf_counter()
     try:
       trained, realised = train_method(config, workdir)
