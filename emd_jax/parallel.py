@@ -34,7 +34,14 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int]:
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+  """The ("data", "fsdp") mesh; `mesh.devices` (default -1: all) limits it to the first N devices."""
+  if devices is None:
+    devices = jax.devices()
+    n = int(mesh_cfg.get("devices", -1))
+    if n > len(devices):
+      raise ValueError(f"mesh.devices={n}, but only {len(devices)} devices are available")
+    if n > 0:
+      devices = devices[:n]
   data, fsdp = mesh_shape(mesh_cfg, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * 2  # shardings propagate from in/out specs + constraints
   return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=auto, devices=devices)

@@ -1,0 +1,145 @@
+"""Compiled memory and FLOPs of the ImageNet-64 EMD train step, per device.
+
+Lowers and compiles (`jit(...).lower(...).compile()`, nothing is executed) the train step of
+`configs/imagenet64_emd.py` with EDM's ImageNet-64 ADM architecture (295.9M parameters) for
+meshes of 1, 8 and 64 devices (fake CPU devices here: XLA's CPU memory figures stand in for
+an accelerator's), with and without rematerialisation, and reports XLA's memory analysis
+(arguments, outputs, temporaries per device) and cost analysis (FLOPs per step).
+
+  python benchmarks/memory.py --out benchmarks/results/memory.json
+  python benchmarks/memory.py --arch small --devices 1,8    # minutes-long smoke version
+
+The batch is weak-scaled: `--per_device_batch` examples per device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if "jax" not in sys.modules:
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=64")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from emd_jax import checkpoint as ckpt_lib  # noqa: E402
+from emd_jax import nets, parallel, train  # noqa: E402
+from emd_jax.teachers.base import Teacher  # noqa: E402
+
+ADM64 = dict(arch="dhariwal_unet", precond="edm", img_resolution=64, in_channels=3, out_channels=3, label_dim=1000)
+SMALL = dict(arch="dhariwal_unet", precond="edm", img_resolution=16, in_channels=3, out_channels=3, label_dim=10,
+             model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+
+
+def abstract_teacher(spec: dict, dtype: str) -> Teacher:
+  spec = {**spec, "dtype": dtype}
+  module = nets.build(spec)
+  res, ch = spec["img_resolution"], spec["in_channels"]
+  x = jnp.zeros((1, res, res, ch))
+  params = jax.eval_shape(module.init, jax.random.PRNGKey(0), x, jnp.ones((1,)), jnp.zeros((1, spec["label_dim"])))
+  return Teacher(
+    apply=lambda p, xx, s, lab: module.apply({"params": p}, xx, s, lab),
+    params=params["params"],
+    data_shape=(res, res, ch),
+    num_classes=spec["label_dim"],
+    spec={"kind": "network", "net": spec},
+  )
+
+
+def compile_step(spec: dict, devices: int, per_device_batch: int, remat: str, dtype: str, k: int) -> dict:
+  import importlib.util
+
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "imagenet64_emd.py")
+  mod_spec = importlib.util.spec_from_file_location("in64", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.teacher.checkpoint = "(abstract)"
+  c.batch_size = per_device_batch * devices
+  c.remat = remat
+  c.compute_dtype = dtype
+  c.estep.num_steps = k
+  fsdp = min(devices, 8)
+  c.mesh.fsdp = fsdp
+  c.mesh.data = devices // fsdp
+  from emd_jax.distill import methods
+
+  methods.resolve(c)
+  teacher = abstract_teacher(spec, dtype)
+  setup = train.build_setup(c, teacher)
+  mesh = parallel.make_mesh(c.mesh, devices=jax.devices()[:devices])
+  abstract = train.abstract_state(setup, jax.random.PRNGKey(0))
+  step, state_sh, teacher_sh = train.sharded_step(setup, mesh, abstract)
+  t0 = time.perf_counter()
+  lowered = step.lower(ckpt_lib.abstract_like(abstract, state_sh), ckpt_lib.abstract_like(teacher.params, teacher_sh))
+  compiled = lowered.compile()
+  seconds = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  n_params = sum(x.size for x in jax.tree.leaves(teacher.params))
+  gib = 2.0**30
+  return {
+    "devices": devices,
+    "mesh": dict(mesh.shape),
+    "global_batch": c.batch_size,
+    "remat": remat,
+    "dtype": dtype,
+    "K": k,
+    "params_per_net": int(n_params),
+    "argument_gib": mem.argument_size_in_bytes / gib,
+    "output_gib": mem.output_size_in_bytes / gib,
+    "temp_gib": mem.temp_size_in_bytes / gib,
+    "alias_gib": mem.alias_size_in_bytes / gib,
+    "peak_estimate_gib": (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                          + mem.temp_size_in_bytes) / gib,
+    "flops_per_device": float(cost.get("flops", float("nan"))) if cost else float("nan"),
+    "compile_s": seconds,
+  }
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--arch", choices=["adm64", "small"], default="adm64")
+  ap.add_argument("--devices", default="1,8,64")
+  ap.add_argument("--remat", default="none,full")
+  ap.add_argument("--per_device_batch", type=int, default=4)
+  ap.add_argument("--dtype", default="bfloat16")
+  ap.add_argument("--k", type=int, default=8)
+  ap.add_argument("--out", default="benchmarks/results/memory.json")
+  args = ap.parse_args()
+  spec = ADM64 if args.arch == "adm64" else SMALL
+  rows = []
+  for n in [int(d) for d in args.devices.split(",")]:
+    if n > jax.device_count():
+      print(f"skip {n} devices: only {jax.device_count()} available")
+      continue
+    for remat in args.remat.split(","):
+      r = compile_step(spec, n, args.per_device_batch, remat, args.dtype, args.k)
+      rows.append(r)
+      print(json.dumps(r), flush=True)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump({"arch": spec, "backend": jax.default_backend(), "jax": jax.__version__, "rows": rows}, f, indent=2)
+  lines = ["| devices | mesh (data x fsdp) | global batch | remat | args GiB | temp GiB | peak GiB | TFLOP/device |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    m = r["mesh"]
+    lines.append(f"| {r['devices']} | {m['data']} x {m['fsdp']} | {r['global_batch']} | {r['remat']} | "
+                 f"{r['argument_gib']:.2f} | {r['temp_gib']:.2f} | {r['peak_estimate_gib']:.2f} | "
+                 f"{r['flops_per_device'] / 1e12:.2f} |")
+  table = "\n".join(lines)
+  with open(args.out.replace(".json", ".md"), "w") as f:
+    f.write(f"Architecture: {args.arch} ({rows[0]['params_per_net'] if rows else '?'} parameters per network), "
+            f"{args.dtype} compute, K = {args.k}, backend {jax.default_backend()}\n\n{table}\n")
+  print(table)
+
+
+if __name__ == "__main__":
+  main()

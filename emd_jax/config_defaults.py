@@ -1,0 +1,137 @@
+"""Defaults shared by every distillation config (the fields `train.py` reads).
+
+Config files in `configs/` start from `distill_config()` and change what
+their setting needs, so a new field is added in one place. Placeholder fields
+(None) in `estep` and `loss` take the value of the `method` preset
+(`emd_jax.distill.methods`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def noise(p_mean: float, p_std: float, sigma_min: float = 0.002, sigma_max: float = 80.0) -> ml_collections.ConfigDict:
+  """A lognormal noise-level distribution section (see `diffusion.NoiseDist`)."""
+  n = ml_collections.ConfigDict()
+  n.kind = "lognormal"
+  n.p_mean = p_mean
+  n.p_std = p_std
+  n.sigma_min = sigma_min
+  n.sigma_max = sigma_max
+  return n
+
+
+def checkpoint_teacher(path: str = "") -> ml_collections.ConfigDict:
+  """A teacher section naming a checkpoint directory (converted EDM pickle or trained here)."""
+  t = ml_collections.ConfigDict()
+  t.kind = "checkpoint"
+  t.checkpoint = path
+  return t
+
+
+def distill_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.job = "distill"
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 256
+  c.method = "emd_sim"
+  c.teacher = checkpoint_teacher()
+
+  # Student architecture when the teacher is analytic; network teachers give their own.
+  c.net = ml_collections.ConfigDict()
+  c.net.arch = "mlp"
+  c.net.hidden = 128
+  c.net.depth = 3
+  c.net.emb_dim = 64
+  c.net.dtype = "float32"
+
+  c.schedule = "ve"
+
+  c.generator = ml_collections.ConfigDict()
+  c.generator.sigma_init = 2.5
+  c.generator.lr = 1e-5
+  c.generator.b1 = 0.0
+  c.generator.b2 = 0.999
+  c.generator.eps = 1e-8
+  c.generator.grad_clip = 0.0
+  c.generator.warmup_steps = 0
+  c.generator.ema_decay = 0.999
+
+  c.fake = ml_collections.ConfigDict()
+  c.fake.lr = 1e-5
+  c.fake.b1 = 0.0
+  c.fake.b2 = 0.999
+  c.fake.eps = 1e-8
+  c.fake.grad_clip = 0.0
+  c.fake.warmup_steps = 0
+  c.fake.steps_per_gen_step = 1
+  c.fake.noise = noise(-1.2, 1.2)
+
+  c.estep = ml_collections.ConfigDict()
+  c.estep.num_steps = config_dict.placeholder(int)  # None: from the method preset
+  c.estep.gamma_eps = 0.3
+  c.estep.gamma_z = 0.0
+  c.estep.gamma_z_scaling = "sigma2"
+  c.estep.noise_cancellation = True
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = config_dict.placeholder(str)
+  c.loss.distance = config_dict.placeholder(str)
+  c.loss.weight = config_dict.placeholder(str)
+  c.loss.huber_c = 0.03
+  c.loss.huber_delta = 0.1
+  c.loss.power = 4
+  c.loss.sid_alpha = 1.2
+  c.loss.noise = noise(-1.2, 1.2)  # generator noise levels
+
+  # Scale: activation dtype (params and optimizer stay float32), rematerialisation of
+  # network passes ("none", "dots", "full"), gradient accumulation over micro-batches.
+  c.compute_dtype = "float32"
+  c.remat = "none"
+  c.grad_accum_steps = 1
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by other axes
+  c.mesh.fsdp = 1
+  c.mesh.devices = -1  # -1: every device; N: the first N (debugging, tests)
+
+  # Evaluation: evaluator "" writes sample grids only; "inception_fid" needs user-supplied
+  # weights (docs/convert.md); "digits" is for the digits data set.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.evaluator = ""
+  c.eval.batch_size = 256
+  c.eval.grid_size = 64
+
+  c.log_every = 100
+  c.eval_every = 5000
+  c.eval_num_samples = 1024
+  c.checkpoint_every = 1000
+  c.max_checkpoints = 3
+  c.export_at_end = True
+  c.nonfinite_limit = 20
+  c.spike_factor = 10.0  # warn when a loss/* value exceeds 10x its running mean (0: off)
+
+  # Fault injection (tests, benchmarks/faults.py; docs/reliability.md). All off by default.
+  c.debug = ml_collections.ConfigDict()
+  c.debug.nan_at_steps = ()
+  c.debug.kill_at_step = -1
+  c.debug.kill_phase = "step"
+  c.debug.sigterm_at_step = -1
+  return c
+
+
+def shrink_for_tests(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `tiny` variant of a paper config: 2 steps, a small batch, no periodic work."""
+  c.total_steps = 2
+  c.batch_size = 8
+  c.log_every = 1
+  c.eval_every = 1000
+  c.eval_num_samples = 8
+  c.checkpoint_every = 1000
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.devices = 1  # one device compiles fastest; sharding is tested separately
+  return c
