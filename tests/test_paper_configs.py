@@ -83,12 +83,6 @@ def teacher_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("name, variant, arch", CASES)
 def test_paper_config_runs_two_steps(name, variant, arch, teacher_dir, tmp_path):
-  key = {
-    "cifar10_sim_cond": "song_cond",
-    "imagenet64_emd": "adm",
-    "imagenet128_emd": "adm",
-    "latent_t2i_emd": "latent",
-  }.get(name, "song")
   c = _load_config(name, variant)
   assert c.total_steps == 2
   c.teacher.checkpoint = teacher_dir(arch)
