@@ -242,8 +242,10 @@ def run_loop(
         checkpointer.wait()
         writer.flush()
         raise preemption.Preempted(step, checkpointer.directory, watch.reason or "notice")
-  checkpointer.wait()
-  writer.flush()
+    checkpointer.wait()  # the final checkpoint is written while the handlers are still installed
+    writer.flush()
+    if watch.reason is not None:  # the notice came with the last update: its checkpoint is complete
+      raise preemption.Preempted(step, checkpointer.directory, watch.reason)
   metrics_lib.log_line(f"done: step {step}/{cfg.total_steps}, {time.perf_counter() - t_start:.1f}s in this run")
   last_eval.setdefault("step", step)
   return state, last_eval
