@@ -117,14 +117,6 @@ def test_sigkill_anywhere_and_sigterm_resume_bit_identically(tmp_path, reference
   assert _equal(_restore(w, reference), reference)
 
 
-def test_sigterm_in_process_saves_current_step_and_resumes_exactly(tmp_path, reference):
-  with pytest.raises(Preempted, match="at step 7"):
-    train.train_and_evaluate(tiny(**{"debug.sigterm_at_step": 7}), str(tmp_path))
-  assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 7
-  out = train.train_and_evaluate(tiny(), str(tmp_path))
-  assert _equal(out["state"], reference)
-
-
 # ----------------------------------------------------------------------------- corrupt checkpoints
 
 
@@ -158,13 +150,16 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept_aside(tmp_path, refere
   ckdir = os.path.join(w, "checkpoints")
   corrupt(os.path.join(ckdir, "15"))
   capsys.readouterr()
-  out = train.train_and_evaluate(tiny(), w)
+  full = corrupt is _truncate  # one case trains on to the end; the others only resume (cheaper)
+  out = train.train_and_evaluate(tiny() if full else tiny(total_steps=10), w)
   text = capsys.readouterr().out
   assert "checkpoint step 15 is unusable" in text and reason in text, text
   assert "resumed from checkpoint step 10" in text
   aside = glob.glob(os.path.join(ckdir, f"{ckpt_lib.QUARANTINE_PREFIX}15-*"))
   assert len(aside) == 1 and "WHY_QUARANTINED.txt" in os.listdir(aside[0])  # renamed, not deleted
-  assert _equal(out["state"], reference)  # step 15 was written again, from good data
+  if full:
+    assert _equal(out["state"], reference)  # step 15 was written again, from good data
+    assert os.path.isdir(os.path.join(ckdir, "15"))
 
 
 def test_checkpointer_detects_shape_mismatch_and_reuses_a_quarantined_step(tmp_path):
@@ -242,3 +237,20 @@ def test_spike_monitor():
   assert mon.update(5, {"loss/a": 50.0, "loss/b": 1.0}) == ["loss/a"]
   assert mon.update(6, {"loss/a": float("nan")}) == [] and mon.count == 1
   assert loop.SpikeMonitor(factor=0.0).update(0, {"loss/a": 1e9}) == []
+
+
+def test_preemption_watch_catches_sigterm_and_restores_the_handler():
+  import signal
+
+  from emd_jax.preemption import PreemptionWatch
+
+  before = signal.getsignal(signal.SIGTERM)
+  with PreemptionWatch() as watch:
+    assert not watch.reached(0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert watch.reached(1) and watch.reason == "SIGTERM"
+  assert signal.getsignal(signal.SIGTERM) is before
+  synced = PreemptionWatch(sync_point=lambda step: step == 3)  # multi-process: the service decides
+  assert not synced.reached(2) and synced.reached(3)
+  e = Preempted(7, "/ckpt", "SIGTERM")
+  assert str(e).startswith("preempted (SIGTERM) at step 7: checkpoint saved in /ckpt; rerun")
