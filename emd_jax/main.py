@@ -76,10 +76,15 @@ def main(argv, holders: dict | None = None):
     raise app.UsageError("--config is required")
   if not f["workdir"].value:
     raise app.UsageError("--workdir is required")
-  from emd_jax import parallel
+  import jax
+
+  from emd_jax import parallel, preemption
 
   parallel.initialize_distributed(f["coordinator_address"].value, f["num_processes"].value, f["process_id"].value)
+  if jax.process_count() == 1 and holders is None:  # multi-process: JAX's preemption service owns SIGTERM
+    preemption.exit_on_signal_outside_loop()
   run(config, f["workdir"].value)
+  preemption.mark_finished()
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

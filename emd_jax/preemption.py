@@ -98,3 +98,30 @@ def watch_for(checkpointer) -> PreemptionWatch:
   if jax.process_count() > 1:
     return PreemptionWatch(sync_point=checkpointer.reached_preemption)
   return PreemptionWatch()
+
+
+_finished = False
+
+
+def exit_on_signal_outside_loop() -> None:
+  """Command line, single process: SIGTERM outside the training loop ends the process at once.
+
+  Before the loop (start-up, compilation) nothing is lost: exit 75, rerun.
+  After it (export, shutdown), every checkpoint is complete: exit 0 once the
+  job has returned (`mark_finished`), else 75 so the rerun redoes the export.
+  The loop's `PreemptionWatch` replaces this handler while it runs.
+  """
+
+  def handle(signum, frame):
+    code = 0 if _finished else PREEMPTED_EXIT_CODE
+    name = signal.Signals(signum).name
+    print(f"received {name} outside the training loop: exiting with status {code}", file=sys.stderr, flush=True)
+    os._exit(code)
+
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, handle)
+
+
+def mark_finished() -> None:
+  global _finished
+  _finished = True
