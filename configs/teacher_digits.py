@@ -30,7 +30,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.job = "teacher"
   c.name = "teacher_digits" + (":" + arg if arg else "")
   c.seed = 0
-  c.total_steps = 2500
+  c.total_steps = 1000
   c.batch_size = 64
 
   c.data = ml_collections.ConfigDict()
@@ -76,8 +76,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.evaluator = "digits"
-  c.eval.num_samples = 500
-  c.eval.final_num_samples = 2000  # the quality written into teacher.json
+  c.eval.num_samples = 1000
+  c.eval.final_num_samples = 1000  # the quality written into teacher.json
   c.eval.num_steps = 18  # Heun: 35 NFE
   c.eval.batch_size = 500
   c.eval.grid_size = 100
@@ -87,7 +87,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
 
   c.log_every = 100
-  c.eval_every = 1250
+  c.eval_every = 500
   c.checkpoint_every = 500
   c.max_checkpoints = 2
   c.nonfinite_limit = 20

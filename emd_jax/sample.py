@@ -118,7 +118,7 @@ def main(argv):
       raise app.UsageError("--grid needs image samples")
     from emd_jax.evaluators.grids import image_grid, save_png
 
-    save_png(_GRID.value, image_grid(out["images"][:64]))
+    save_png(_GRID.value, image_grid(out["images"][:64]), scale=4)
   print(f"wrote {samples.shape[0]} samples of shape {samples.shape[1:]} to {_OUT.value}")
 
 

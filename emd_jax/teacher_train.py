@@ -251,8 +251,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   teacher_dir = None
   if config.save_teacher and jax.process_index() == 0:
-    if config.eval.final_num_samples and config.eval.final_num_samples != config.eval.num_samples:
-      scalars, _ = evaluate_fn(state, int(state.step), config.eval.final_num_samples)
+    final = config.eval.final_num_samples or config.eval.num_samples
+    if final != config.eval.num_samples or "fd" not in last_eval:  # e.g. resumed at total_steps: no eval ran
+      scalars, _ = evaluate_fn(state, int(state.step), final)
       last_eval = {**scalars, "step": int(state.step)}
       metrics_lib.log_line("final eval: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items() if "/" not in k))
     teacher_dir = save_teacher(config, spec, state, last_eval, os.path.join(workdir, "teacher"))

@@ -136,9 +136,19 @@ def config_fingerprint(config, setup: Setup) -> dict:
   return {"net": setup.net_spec, "data_shape": list(setup.teacher.data_shape), "teacher": setup.teacher.spec}
 
 
-def evaluate(config, setup: Setup, params, rng) -> tuple[dict, dict]:
-  """Scalars and images for the current generator (EMA) parameters."""
+def evaluate(
+  config, setup: Setup, params, rng, step: int | None = None, workdir: str | None = None
+) -> tuple[dict, dict]:
+  """Scalars and images for the current generator (EMA) parameters.
+
+  Image teachers: `eval_num_samples` one-step samples (balanced classes for a
+  conditional teacher) scored by `config.eval.evaluator` (FD to the real data,
+  coverage, precision/recall); a grid for TensorBoard, also written as
+  `samples_step{step}.png` in `workdir` when both are given.
+  """
   n = config.eval_num_samples
+  if len(setup.teacher.data_shape) == 3:
+    return _evaluate_images(config, setup, params, rng, step, workdir)
   z = setup.step_cfg.sigma_init * jax.random.normal(rng, (n, *setup.teacher.data_shape))
   x = _generate(setup, params, z)
   if setup.teacher.spec.get("kind") == "gmm":
@@ -150,13 +160,21 @@ def evaluate(config, setup: Setup, params, rng) -> tuple[dict, dict]:
   return {}, {}
 
 
-def _generate(setup: Setup, params, z, labels=None):
-  sigma = jnp.full((z.shape[0],), setup.step_cfg.sigma_init)
-  return jax.jit(setup.net_apply)(params, z, sigma, labels)
+def _generate(setup: Setup, params, z, labels=None, batch_size: int | None = None):
+  """One-step samples `g(z) = D(z, sigma_init)` in batches of `batch_size` (all at once if None)."""
+  run = jax.jit(setup.net_apply)
+  batch_size = batch_size or z.shape[0]
+  out = []
+  for i in range(0, z.shape[0], batch_size):
+    lab = None if labels is None else labels[i : i + batch_size]
+    zi = z[i : i + batch_size]
+    out.append(run(params, zi, jnp.full((zi.shape[0],), setup.step_cfg.sigma_init), lab))
+  return out[0] if len(out) == 1 else jnp.concatenate(out)
 
 
 def export(config, setup: Setup, state: DistillState, workdir: str) -> str:
-  return export_lib.write_export(
+  """Writes `workdir/export`; for image teachers also the final grid `samples_step{N}.png`."""
+  path = export_lib.write_export(
     os.path.join(workdir, "export"),
     net_spec=setup.net_spec,
     params=state.gen_ema,
@@ -166,6 +184,16 @@ def export(config, setup: Setup, state: DistillState, workdir: str) -> str:
     config=config.to_dict(),
     extra={"step": int(state.step), "method": config.method},
   )
+  if len(setup.teacher.data_shape) == 3:
+    from emd_jax.evaluators import images as image_eval
+
+    step = int(state.step)
+    if not os.path.exists(os.path.join(workdir, f"samples_step{step}.png")):  # evaluate() may have written it
+      x, _ = _image_samples(
+        config, setup, state.gen_ema, jax.random.PRNGKey(config.seed), _eval_cfg(config)["grid_size"]
+      )
+      image_eval.write_grid(workdir, step, x, num=len(x))
+  return path
 
 
 def abstract_state(setup: Setup, key) -> DistillState:
@@ -270,3 +298,33 @@ def _flat(d: dict, prefix: str = "") -> dict:
     else:
       out[key] = v
   return out
+
+
+# ----------------------------------------------------------------------------
+# Image evaluation (helpers of `evaluate` and `export`).
+
+
+def _eval_cfg(config) -> dict:
+  """`config.eval` with defaults (configs without an eval section use these)."""
+  out = {"evaluator": "digits", "batch_size": 1000, "grid_size": 100}
+  out.update(dict(config.get("eval", {}) or {}))
+  return out
+
+
+def _image_samples(config, setup: Setup, params, rng, num: int) -> tuple[np.ndarray, np.ndarray | None]:
+  """`num` one-step images `[num, H, W, C]` and their class labels `[num]` (balanced; None if unconditional)."""
+  k = setup.teacher.num_classes
+  z = setup.step_cfg.sigma_init * jax.random.normal(rng, (num, *setup.teacher.data_shape))
+  labels = np.arange(num) % k if k else None
+  onehot = None if labels is None else jax.nn.one_hot(labels, k)
+  x = _generate(setup, params, z, onehot, _eval_cfg(config)["batch_size"])
+  return np.asarray(x, np.float32), labels
+
+
+def _evaluate_images(config, setup: Setup, params, rng, step: int | None, workdir: str | None) -> tuple[dict, dict]:
+  from emd_jax.evaluators import images as image_eval
+
+  ecfg = _eval_cfg(config)
+  x, labels = _image_samples(config, setup, params, rng, config.eval_num_samples)
+  png_dir = workdir if step is not None else None
+  return image_eval.evaluate_and_grid(png_dir, step or 0, x, labels, ecfg["evaluator"], ecfg["grid_size"])

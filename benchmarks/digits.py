@@ -1,0 +1,138 @@
+"""The shipped digits teacher at 35 NFE vs one-step students of every method preset.
+
+In one run:
+  1. the teacher's 18-step EDM Heun samples (35 NFE), `--num_samples` of them;
+  2. for each method of `--methods`, `configs/digits.py` distilled for the same
+     `--steps` (from the teacher's weights), then `--num_samples` one-step
+     samples of its EMA generator (same latents for every method);
+  3. everything scored by the digits evaluator: Frechet distance to the real
+     train digits in the shipped classifier's features, class coverage,
+     precision/recall; `fd_ratio` = student FD / teacher FD.
+
+  python benchmarks/digits.py --steps 300
+  python benchmarks/digits.py --methods emd_sim,sid --steps 100 --batch_size 16
+
+Writes `--out`.md, `--out`.json and one grid PNG per row (`--out`_<row>.png).
+Targets (issue 4): the default method within 1.2x of the teacher's FD, every
+class present (coverage 1.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs.digits import get_config  # noqa: E402
+from emd_jax import teachers  # noqa: E402
+from emd_jax import train as train_lib  # noqa: E402
+from emd_jax.evaluators import grids  # noqa: E402
+from emd_jax.evaluators import images as image_eval  # noqa: E402
+from emd_jax.export import load_sampler  # noqa: E402
+from emd_jax.sample import sample_teacher  # noqa: E402
+
+DEFAULT_METHODS = "emd_sim,emd,sim,sid,di,dmd"
+COLUMNS = (
+  ("model", "model", "{}"),
+  ("NFE", "nfe", "{}"),
+  ("steps", "steps", "{}"),
+  ("train s", "train_seconds", "{:.0f}"),
+  ("FD", "fd", "{:.2f}"),
+  ("FD / teacher", "fd_ratio", "{:.2f}"),
+  ("coverage", "coverage", "{:.2f}"),
+  ("class TV", "class_tv", "{:.3f}"),
+  ("precision", "precision", "{:.3f}"),
+  ("recall", "recall", "{:.3f}"),
+)
+
+
+def score(images: np.ndarray) -> dict:
+  keys = ("fd", "fd_real_split", "coverage", "class_tv", "precision", "recall", "mean_confidence")
+  return {k: v for k, v in image_eval.score_images(images).items() if k in keys}
+
+
+def markdown(rows: list[dict], settings: dict) -> str:
+  lines = [
+    "# Digits: teacher (35 NFE) vs one-step students",
+    "",
+    f"Settings: {json.dumps(settings)}",
+    "",
+    "| " + " | ".join(c[0] for c in COLUMNS) + " |",
+    "|" + "---|" * len(COLUMNS),
+  ]
+  for r in rows:
+    cells = [fmt.format(r[key]) if r.get(key) is not None else "-" for _, key, fmt in COLUMNS]
+    lines.append("| " + " | ".join(cells) + " |")
+  floor = rows[0].get("fd_real_split")
+  lines += ["", f"FD floor (real test vs train digits): {floor:.2f}." if floor is not None else ""]
+  return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--methods", default=DEFAULT_METHODS)
+  ap.add_argument("--steps", type=int, default=300)
+  ap.add_argument("--batch_size", type=int, default=0, help="0: the config's")
+  ap.add_argument("--num_samples", type=int, default=2000)
+  ap.add_argument("--teacher", default="builtin:digits_uncond")
+  ap.add_argument("--workdir", default="runs/bench_digits")
+  ap.add_argument("--out", default="benchmarks/results/digits")
+  ap.add_argument("--seed", type=int, default=0)
+  args = ap.parse_args()
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  rng = jax.random.key(args.seed)
+
+  teacher = teachers.load(args.teacher)
+  t0 = time.perf_counter()
+  x_t, _ = sample_teacher(teacher, rng, args.num_samples, num_steps=18, batch_size=500)
+  row = {"model": "teacher (Heun 18 steps)", "nfe": 35, **score(x_t), "sample_seconds": time.perf_counter() - t0}
+  grids.save_png(f"{args.out}_teacher.png", grids.image_grid(x_t[:100]), scale=3)
+  rows = [row]
+  print(json.dumps(row), flush=True)
+
+  for method in filter(None, args.methods.split(",")):
+    config = get_config()
+    config.method = method
+    config.teacher.checkpoint = args.teacher
+    config.total_steps = args.steps
+    config.eval_every = max(args.steps, 1)  # evaluate once, at the end
+    config.checkpoint_every = max(args.steps, 1)
+    if args.batch_size:
+      config.batch_size = args.batch_size
+    workdir = os.path.join(args.workdir, method)
+    shutil.rmtree(workdir, ignore_errors=True)
+    t0 = time.perf_counter()
+    train_lib.train_and_evaluate(config, workdir)
+    seconds = time.perf_counter() - t0
+    sampler = load_sampler(os.path.join(workdir, "export"))
+    x = np.asarray(sampler.sample(rng, args.num_samples, batch_size=500))
+    r = {"model": f"{method} (one step)", "nfe": 1, "steps": args.steps, "train_seconds": seconds, **score(x)}
+    r["fd_ratio"] = r["fd"] / row["fd"]
+    grids.save_png(f"{args.out}_{method}.png", grids.image_grid(x[:100]), scale=3)
+    rows.append(r)
+    print(json.dumps(r), flush=True)
+
+  settings = {
+    "steps": args.steps,
+    "batch_size": args.batch_size or get_config().batch_size,
+    "num_samples": args.num_samples,
+    "teacher": args.teacher,
+    "cpu_count": os.cpu_count(),
+  }
+  with open(f"{args.out}.json", "w") as f:
+    json.dump({"settings": settings, "rows": rows}, f, indent=2)
+  with open(f"{args.out}.md", "w") as f:
+    f.write(markdown(rows, settings))
+  print(markdown(rows, settings))
+
+
+if __name__ == "__main__":
+  main()
