@@ -224,8 +224,11 @@ def _check_teacher_checkpoint(path: str) -> None:
   try:
     module = nets.build(spec)
     expected = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, *data_shape)), jnp.ones((1,)), labels)
-  except Exception as e:  # noqa: BLE001  (a spec the network cannot be built from)
-    raise ConfigError("teacher.checkpoint", f"{path}/teacher.json: net cannot be built: {type(e).__name__}: {e}") from e
+  except Exception as e:  # noqa: BLE001  (an unusual init signature: the load itself will check)
+    from absl import logging
+
+    logging.warning("teacher.checkpoint: parameter shapes not checked (%s: %s)", type(e).__name__, e)
+    return
   want = {
     jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(expected["params"])[0]
   }
