@@ -34,6 +34,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c = base.base_config("deblur")
   c.total_steps = 100_000
   c.batch_size = 2
+  c.optim.lr = 1e-4
   c.teacher.checkpoint = ""  # required: a converted 256x256 EDM/ADM teacher directory
   c.data.name = "imagenet2012"
   c.data.resolution = 256

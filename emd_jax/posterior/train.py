@@ -367,11 +367,17 @@ class Evaluator:
     self.key = jax.random.fold_in(key, 1)
     self.batch = c.eval_batch_size
     self.setup = setup
+    self.mesh = mesh
     self._restore = jax.jit(setup.restore)
+
+  def _place(self, y: Array) -> Array:
+    """Batches that split evenly go on the mesh's data axes (the sampler then runs sharded)."""
+    n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    return jax.device_put(y, parallel.batch_sharding(self.mesh)) if y.shape[0] % n == 0 else y
 
   def __call__(self, base, params) -> tuple[dict, dict]:
     out = [
-      self._restore(base, params, self.y[i : i + self.batch], jax.random.fold_in(self.key, i))
+      self._restore(base, params, self._place(self.y[i : i + self.batch]), jax.random.fold_in(self.key, i))
       for i in range(0, self.y.shape[0], self.batch)
     ]
     restored = jnp.concatenate(out)
