@@ -83,6 +83,7 @@ class Runner:
         info["lines"].append(line.rstrip())
         if line.startswith("step "):
           info["last_step"] = int(line.split()[1].split("/")[0])
+          info["last_step_s"] = time.time() - t0
           if not started.is_set():
             info["first_step_s"] = time.time() - t0
             started.set()
@@ -231,7 +232,7 @@ def main() -> int:
   shutil.rmtree(ref_dir)
   r = runner.run(ref_dir)
   assert r["returncode"] == 0, r["text"]
-  t_run = (r["seconds"], r["seconds"] - r["first_step_s"])  # whole launch, update phase
+  t_run = (r["seconds"], r["last_step_s"] - r["first_step_s"])  # whole launch, first to last update
   ref, _ = final_arrays(ref_dir, args.steps)
   print(f"reference run: {t_run[0]:.1f}s for {args.steps} steps ({t_run[1]:.1f}s of updates)", flush=True)
   trials = []
