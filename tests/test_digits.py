@@ -40,6 +40,7 @@ def test_shipped_configs_load():
   assert teacher_config("cond").net.label_dim == 10
 
 
+@pytest.mark.slow
 def test_tiny_distillation_writes_export_grid_and_scores(distilled):
   workdir, out = distilled
   assert int(out["state"].step) == 2
@@ -55,6 +56,7 @@ def _sample_cli(*args: str) -> None:
   subprocess.run([sys.executable, "-m", "emd_jax.sample", *args], cwd=REPO, env=env, check=True, capture_output=True)
 
 
+@pytest.mark.slow
 def test_sample_cli_generator_writes_images_and_grid(distilled, tmp_path):
   workdir, _ = distilled
   out, grid = tmp_path / "s.npz", tmp_path / "g.png"
