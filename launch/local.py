@@ -1,7 +1,7 @@
 """Local multi-process launcher: N trainer processes on this machine, one JAX distributed job.
 
   python launch/local.py --num_processes 2 --devices_per_process 4 \\
-      --config configs/gmm2d_emd.py --workdir /tmp/emd_mp [--config.training.num_steps=10]
+      --config configs/gmm.py --workdir /tmp/emd_mp [--config.total_steps=10]
 
 starts `python -m emd_jax.main --config ... --workdir ... --coordinator_address 127.0.0.1:PORT
 --num_processes N --process_id i` for i = 0..N-1 on CPU (`JAX_PLATFORMS=cpu`, and
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--devices_per_process", type=int, default=None, help="fake CPU devices per process (XLA_FLAGS)"
   )
-  p.add_argument("--config", default=None, help="e.g. configs/gmm2d_emd.py")
+  p.add_argument("--config", default=None, help="e.g. configs/gmm.py")
   p.add_argument("--workdir", default=None, help="shared by all processes")
   p.add_argument("--port", type=int, default=0, help="coordinator port (0: pick a free one)")
   p.add_argument("--module", default=DEFAULT_MODULE, help="trainer module run with python -m")

@@ -346,6 +346,14 @@ def watch_and_relaunch(
         if code == "0":
           runner.note(f"{run.run_name} finished after {restarts} relaunch(es)")
           return 0
+        if code == "75":  # the trainer was preempted and saved a checkpoint: start it again in place
+          if restarts >= max_restarts:
+            raise LaunchError(f"gave up after {max_restarts} relaunches")
+          restarts += 1
+          runner.note(f"{run.run_name} exited 75 (preempted, checkpoint saved): rerun {restarts}/{max_restarts}")
+          for cmd in tc.run_commands(spec, run):
+            runner.run(cmd)
+          continue
         raise LaunchError(
           f"trainer exited with status {code} on worker 0 (not a preemption); see `tpu_vm.py logs`"
         )

@@ -271,10 +271,10 @@ def test_local_dry_run():
     "--devices_per_process",
     "4",
     "--config",
-    "configs/gmm2d_emd.py",
+    "configs/gmm.py",
     "--workdir",
     "/tmp/w",
-    "--config.training.num_steps=3",
+    "--config.total_steps=3",
     "--dry_run",
   ]
   assert local.main(argv, out=out) == 0
@@ -289,11 +289,11 @@ def test_local_dry_run():
     assert argv[i + 1 : i + 6] == [
       "emd_jax.main",
       "--config",
-      "configs/gmm2d_emd.py",
+      "configs/gmm.py",
       "--workdir",
       "/tmp/w",
     ]
-    assert "--config.training.num_steps=3" in argv
+    assert "--config.total_steps=3" in argv
     assert argv[argv.index("--num_processes") + 1] == "3"
     coords.add(argv[argv.index("--coordinator_address") + 1])
     ids.append(argv[argv.index("--process_id") + 1])
@@ -426,3 +426,16 @@ def test_run_restart_on_preemption_with_fake_gcloud(tmp_path, monkeypatch):
     ["tpu-vm", "ssh"],
   ]  # READY, exit code 0
   assert "--spot" in calls[5] and "--worker=all" in calls[6]
+
+
+def test_watch_and_relaunch_reruns_after_trainer_preemption_exit_75():
+  """Exit 75 means the trainer checkpointed on SIGTERM: rerun it in place, then finish."""
+  spec = tc.TpuSpec(name="n", zone="z", spot=True)
+  src = tc.SourceSpec(repo_url="u")
+  run = tc.RunSpec(config="c.py", workdir="gs://b/w")
+  runner = ScriptedRunner([(0, "READY"), (0, "75"), (0, "READY"), (0, "0")])
+  assert tpu_vm.watch_and_relaunch(runner, spec, src, run, 0, 0, 3, lambda s: None) == 0
+  assert "exited 75" in runner.out.getvalue()
+  runner = ScriptedRunner([(0, "READY"), (0, "75")])
+  with pytest.raises(LaunchError, match="gave up"):
+    tpu_vm.watch_and_relaunch(runner, spec, src, run, 0, 0, 0, lambda s: None)
