@@ -258,7 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teacher:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items() if isinstance(v, (int, float, str, bool))})
 
   def evaluate_fn(st, step):
-    return evaluate(config, setup, st.gen_ema, jax.random.fold_in(k_eval, step))
+    return evaluate(config, setup, st.gen_ema, jax.random.fold_in(k_eval, step), step=step, workdir=workdir)
 
   state, last_eval = loop.run_loop(
     loop.LoopConfig.from_config(config),

@@ -113,11 +113,15 @@ def load(path: str) -> Teacher:
   def apply(p, x, sigma, labels=None):
     return module.apply({"params": p}, x, sigma, labels)
 
-  return Teacher(
-    apply=apply,
-    params=params,
-    data_shape=tuple(info["data_shape"]),
-    num_classes=int(info.get("num_classes", 0)),
-    sigma_data=float(info.get("sigma_data", 0.5)),
-    spec=info,
+  from emd_jax.teachers.guidance import with_guidance
+
+  return with_guidance(  # applies a stored classifier-free guidance scale (conditional teachers)
+    Teacher(
+      apply=apply,
+      params=params,
+      data_shape=tuple(info["data_shape"]),
+      num_classes=int(info.get("num_classes", 0)),
+      sigma_data=float(info.get("sigma_data", 0.5)),
+      spec=info,
+    )
   )
