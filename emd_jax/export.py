@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 
 import jax
@@ -23,6 +22,7 @@ import numpy as np
 from flax import serialization
 
 from emd_jax import __version__, nets
+from emd_jax.fileio import publish_dir
 
 FORMAT_VERSION = 1
 SPEC_FILE = "generator.json"
@@ -63,14 +63,7 @@ def write_export(
     f.write(serialization.msgpack_serialize(host_params))
   with open(os.path.join(tmp, SPEC_FILE), "w") as f:
     json.dump(meta, f, indent=2, default=str)
-  if os.path.exists(directory):
-    old = directory + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(directory, old)
-    os.rename(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.rename(tmp, directory)
+  publish_dir(tmp, directory)
   return directory
 
 

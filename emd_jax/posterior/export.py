@@ -37,6 +37,7 @@ import numpy as np
 from flax import serialization
 
 from emd_jax import __version__, teachers
+from emd_jax.fileio import publish_dir
 from emd_jax.nets import lora as lora_lib
 from emd_jax.posterior import operators as ops
 from emd_jax.posterior.unfolded import unfolded_sample
@@ -136,14 +137,7 @@ def write_sampler(
     }
     with open(os.path.join(tmp, SPEC_FILE), "w") as f:
       json.dump(meta, f, indent=2, default=str)
-    if os.path.exists(directory):
-      old = directory + ".old"
-      shutil.rmtree(old, ignore_errors=True)
-      os.rename(directory, old)
-      os.rename(tmp, directory)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, directory)
+    publish_dir(tmp, directory)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

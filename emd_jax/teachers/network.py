@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from emd_jax.fileio import publish_dir
 from emd_jax.teachers.base import Teacher
 
 FORMAT_VERSION = 1
@@ -66,13 +67,7 @@ def save(path: str, spec: dict, params: Any, meta: dict | None = None) -> str:
       json.dump(info, f, indent=2, sort_keys=True)
     with open(os.path.join(tmp, PARAMS_FILE), "wb") as f:
       f.write(serialization.msgpack_serialize(params))
-    if os.path.exists(path):
-      old = path + ".old-" + os.path.basename(tmp)
-      os.rename(path, old)
-      os.rename(tmp, path)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, path)
+    publish_dir(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
