@@ -22,23 +22,13 @@ and a grid goes to TensorBoard and `samples_step{N}.png`.
 Expected compute: see docs/digits.md (about 10 minutes on 2 CPU cores).
 `configs/digits.py:tiny` is a seconds-long variant for the tests.
 
-The field set is configs/gmm.py's (loaded from beside this file), so every
-distillation field, override and validation rule is shared; this file only
-changes the teacher, the budget and the evaluation.
+The field set is `emd_jax.config_defaults.distill_config()`, shared with every
+distillation config; this file only changes the teacher, the budget and the evaluation.
 """
-
-import importlib.util
-import os
 
 import ml_collections
 
-
-def _gmm_config(arg: str) -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gmm.py")
-  spec = importlib.util.spec_from_file_location("_emd_gmm_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from emd_jax.config_defaults import distill_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -46,7 +36,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   unknown = variants - {"cond", "tiny"}
   if unknown:
     raise ValueError(f"configs/digits.py: unknown variant(s) {sorted(unknown)}; known: '', 'cond', 'tiny'")
-  c = _gmm_config("")
+  c = distill_config()
   c.method = "emd_sim"
   c.seed = 0
   c.total_steps = 300
