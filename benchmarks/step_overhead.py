@@ -34,8 +34,17 @@ from emd_jax.diffusion import dsm_loss_at
 from emd_jax.distill.state import create_state
 from emd_jax.teachers import network
 
-UNET = dict(arch="song_unet", precond="edm", img_resolution=16, in_channels=3, out_channels=3, model_channels=32,
-            channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+UNET = dict(
+  arch="song_unet",
+  precond="edm",
+  img_resolution=16,
+  in_channels=3,
+  out_channels=3,
+  model_channels=32,
+  channel_mult=[1, 2],
+  num_blocks=1,
+  attn_resolutions=[8],
+)
 
 
 def timeit(fn, *args, repeats: int = 10) -> float:
@@ -107,8 +116,16 @@ def measure(method: str, batch: int, k: int, teacher_dir: str, repeats: int) -> 
     parts["denoiser_fwd_bwd_to_input"] = t_in
     total = t_gen + t_dsm + 2 * t_in
     recipe = "gen_fwd_bwd + fake_dsm_fwd_bwd + 2 x denoiser_fwd_bwd_to_input"
-  return {"method": method, "K": k if method.startswith("emd") else 0, "batch": batch, "step_s": t_step,
-          "parts_s": parts, "sum_of_parts_s": total, "recipe": recipe, "ratio": t_step / total}
+  return {
+    "method": method,
+    "K": k if method.startswith("emd") else 0,
+    "batch": batch,
+    "step_s": t_step,
+    "parts_s": parts,
+    "sum_of_parts_s": total,
+    "recipe": recipe,
+    "ratio": t_step / total,
+  }
 
 
 def main():
@@ -124,14 +141,22 @@ def main():
   params = module.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)), jnp.ones((1,)))["params"]
   tdir = network.save("/tmp/emd_step_overhead_teacher", UNET, params, {"source": "random init (benchmark)"})
   rows = [measure(m, args.batch, args.k, tdir, args.repeats) for m in args.methods.split(",")]
-  result = {"hardware": args.hardware, "jax": jax.__version__, "devices": str(jax.devices()), "unet": UNET, "rows": rows}
+  result = {
+    "hardware": args.hardware,
+    "jax": jax.__version__,
+    "devices": str(jax.devices()),
+    "unet": UNET,
+    "rows": rows,
+  }
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
   lines = ["| method | K | batch | step (ms) | sum of parts (ms) | ratio |", "|---|---|---|---|---|---|"]
   for r in rows:
-    lines.append(f"| {r['method']} | {r['K']} | {r['batch']} | {1e3 * r['step_s']:.1f} | "
-                 f"{1e3 * r['sum_of_parts_s']:.1f} | {r['ratio']:.3f} |")
+    lines.append(
+      f"| {r['method']} | {r['K']} | {r['batch']} | {1e3 * r['step_s']:.1f} | "
+      f"{1e3 * r['sum_of_parts_s']:.1f} | {r['ratio']:.3f} |"
+    )
   table = "\n".join(lines)
   with open(args.out.replace(".json", ".md"), "w") as f:
     f.write(f"Hardware: {args.hardware}, JAX {jax.__version__}\n\n{table}\n")

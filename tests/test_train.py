@@ -32,7 +32,9 @@ def tiny(**overrides):
 
 
 def _leaves_equal(a, b):
-  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False))
+  return all(
+    np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False)
+  )
 
 
 def test_resume_is_bit_identical(tmp_path):

@@ -2,7 +2,6 @@
 
 from emd_jax.teachers.base import Teacher
 
-
 BUILTIN_PREFIX = "builtin:"
 
 
