@@ -73,7 +73,8 @@ def test_bfloat16_compute_keeps_float32_master_weights():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(a.gen_params))
   assert int(m["nonfinite/total"]) == 0
   # bf16 activations perturb the update slightly, not wildly.
-  da = np.concatenate([np.ravel(x - y) for x, y in zip(jax.tree.leaves(a.gen_params), jax.tree.leaves(b.gen_params), strict=True)])
+  pairs = zip(jax.tree.leaves(a.gen_params), jax.tree.leaves(b.gen_params), strict=True)
+  da = np.concatenate([np.ravel(x - y) for x, y in pairs])
   assert 0 < np.abs(da).max() < 1e-2
 
 

@@ -135,7 +135,8 @@ def test_export_round_trip_and_sample_cli(tmp_path):
   # The CLI imports no training code and writes the documented npz.
   npz = tmp_path / "s.npz"
   code = (
-    f"import sys, runpy; sys.argv = ['sample', '--generator', {str(export_dir)!r}, '--num', '50', '--seed', '1', '--out', {str(npz)!r}];"
+    f"import sys, runpy; sys.argv = ['sample', '--generator', {str(export_dir)!r}, '--num', '50', '--seed', '1', "
+    f"'--out', {str(npz)!r}];"
     "runpy.run_module('emd_jax.sample', run_name='__main__')"
   )
   env = {**os.environ, "XLA_FLAGS": ""}
