@@ -10,25 +10,8 @@ so these are this project's starting point. Expected compute: the DDPM++ 64x64 n
 passes), ~5 steps/s on a v4-8 at 40% MFU.
 """
 
-from emd_jax.config_defaults import distill_config, noise, shrink_for_tests
+from emd_jax.config_defaults import sim64_config
 
 
 def get_config(arg: str = ""):
-  c = distill_config()
-  c.method = "sim"
-  c.teacher.checkpoint = ""  # required
-  c.total_steps = 400_000
-  c.batch_size = 256
-  c.generator.lr = 1e-5
-  c.fake.lr = 1e-5
-  c.loss.noise = noise(-3.5, 2.5)
-  c.compute_dtype = "bfloat16"
-  c.eval_every = 10_000
-  c.eval_num_samples = 10_000
-  c.checkpoint_every = 5_000
-  if arg == "tiny":
-    shrink_for_tests(c)
-    c.compute_dtype = "float32"
-  elif arg:
-    raise ValueError(f"configs/ffhq64_sim.py: unknown variant {arg!r}; known: tiny")
-  return c
+  return sim64_config("ffhq64", arg)

@@ -13,30 +13,8 @@ Expected compute (per step, batch 512, K = 8): as ImageNet-64 with 4x the pixels
 per step; ~3 steps/s on 128 TPU-v5p at ~40% MFU. bf16, remat and FSDP are on.
 """
 
-from emd_jax.config_defaults import distill_config, noise, shrink_for_tests
+from emd_jax.config_defaults import emd_imagenet_config
 
 
 def get_config(arg: str = ""):
-  c = distill_config()
-  c.method = "emd"
-  c.teacher.checkpoint = ""  # required
-  c.total_steps = 200_000
-  c.batch_size = 512  # project choice
-  c.estep.num_steps = 8
-  c.estep.gamma_eps = 0.1  # project choice
-  c.generator.lr = 2e-6  # project choice
-  c.fake.lr = 2e-6
-  c.loss.noise = noise(-1.2, 1.2, sigma_min=0.02, sigma_max=80.0)
-  c.compute_dtype = "bfloat16"
-  c.remat = "full"
-  c.mesh.fsdp = 16
-  c.eval_every = 10_000
-  c.eval_num_samples = 10_000
-  c.checkpoint_every = 2_000
-  if arg == "tiny":
-    shrink_for_tests(c)
-    c.compute_dtype = "float32"
-    c.remat = "none"
-  elif arg:
-    raise ValueError(f"configs/imagenet128_emd.py: unknown variant {arg!r}; known: tiny")
-  return c
+  return emd_imagenet_config(128, total_steps=200_000, fsdp=16, remat="full", arg=arg)

@@ -16,30 +16,8 @@ plus generator fwd+bwd and fake fwd+bwd: ~20 network passes of ~100 GFLOP per 64
 (`compute_dtype`, set below) and FSDP (`mesh.fsdp`) for the 296M-parameter networks.
 """
 
-from emd_jax.config_defaults import distill_config, noise, shrink_for_tests
+from emd_jax.config_defaults import emd_imagenet_config
 
 
 def get_config(arg: str = ""):
-  c = distill_config()
-  c.method = "emd"  # EMD's own linear M-step; `--config.method=emd_sim` for the default combination
-  c.teacher.checkpoint = ""  # required: a converted EDM ImageNet-64 teacher
-  c.total_steps = 300_000
-  c.batch_size = 512  # project choice
-  c.estep.num_steps = 8  # EMD-8
-  c.estep.gamma_eps = 0.1  # project choice
-  c.generator.lr = 2e-6  # project choice
-  c.fake.lr = 2e-6
-  c.loss.noise = noise(-1.2, 1.2, sigma_min=0.02, sigma_max=80.0)  # project choice
-  c.compute_dtype = "bfloat16"
-  c.remat = "dots"
-  c.mesh.fsdp = 8
-  c.eval_every = 10_000
-  c.eval_num_samples = 10_000
-  c.checkpoint_every = 2_000
-  if arg == "tiny":
-    shrink_for_tests(c)
-    c.compute_dtype = "float32"
-    c.remat = "none"
-  elif arg:
-    raise ValueError(f"configs/imagenet64_emd.py: unknown variant {arg!r}; known: tiny")
-  return c
+  return emd_imagenet_config(64, total_steps=300_000, fsdp=8, remat="dots", arg=arg)
