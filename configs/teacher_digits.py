@@ -90,6 +90,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval_every = 500
   c.checkpoint_every = 500
   c.max_checkpoints = 2
+  c.checkpoint_async = True
   c.nonfinite_limit = 20
   c.save_teacher = True
 

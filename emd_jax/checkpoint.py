@@ -86,6 +86,21 @@ class Checkpointer:
     )
     self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
+  @classmethod
+  def for_run(cls, workdir: str, config) -> Checkpointer:
+    """The run's checkpointer in `<workdir>/checkpoints`: `max_checkpoints` kept, `checkpoint_async` writes.
+
+    Asynchronous writes (the default) overlap the next steps; a SIGKILL during one loses the
+    steps since the previous complete checkpoint, at most `checkpoint_every` plus the steps run
+    while the write was in flight. `checkpoint_async=False` blocks until each write is
+    committed, so a kill loses at most `checkpoint_every` steps.
+    """
+    return cls(
+      os.path.join(workdir, "checkpoints"),
+      max_to_keep=config.get("max_checkpoints", 3),
+      asynchronous=bool(config.get("checkpoint_async", True)),
+    )
+
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 

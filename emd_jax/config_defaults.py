@@ -110,6 +110,7 @@ def distill_config() -> ml_collections.ConfigDict:
   c.eval_num_samples = 1024
   c.checkpoint_every = 1000
   c.max_checkpoints = 3
+  c.checkpoint_async = True  # False: block on each write (a SIGKILL then loses <= checkpoint_every steps)
   c.export_at_end = True
   c.nonfinite_limit = 20
   c.spike_factor = 10.0  # warn when a loss/* value exceeds 10x its running mean (0: off)

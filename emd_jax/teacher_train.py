@@ -207,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step_fn, state_sh = sharded_step(
     make_train_step(module, tx, dist, config.ema_decay, sigma_data, label_dim > 0), abstract, mesh
   )
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.max_checkpoints)
+  checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config)
   fingerprint = {"net": spec, "data": config.data.to_dict(), "data_shape": list(data_shape)}
   state, restored = loop.restore_or_init(
     checkpointer,

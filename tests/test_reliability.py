@@ -117,6 +117,25 @@ def test_sigkill_anywhere_and_sigterm_resume_bit_identically(tmp_path, reference
   assert _equal(_restore(w, reference), reference)
 
 
+def test_synchronous_checkpoints_bound_a_kill_to_one_interval(tmp_path, reference, capsys):
+  """checkpoint_async=False: a SIGKILL right after a save, or between steps, loses < one interval."""
+  rng = np.random.default_rng(7)
+  k1 = int(rng.choice([EVERY, 2 * EVERY]))
+  k2 = int(rng.integers(k1 + 1, STEPS))
+  w = tmp_path / "w"
+  r = _cli(w, "checkpoint_async=False", f"debug.kill_at_step={k1}", "debug.kill_phase=save")
+  assert r.returncode == -9, r.stderr[-2000:]
+  assert not glob.glob(os.path.join(w, "checkpoints", "*tmp*"))  # the write had committed before the kill
+  r = _cli(w, "checkpoint_async=False", f"debug.kill_at_step={k2}", "debug.kill_phase=step")
+  assert r.returncode == -9, r.stderr[-2000:]
+  assert _resumed_from(r.stdout) == k1, r.stdout  # nothing of the save at k1 was lost
+  capsys.readouterr()
+  out = train.train_and_evaluate(tiny(checkpoint_async=False), str(w))
+  resumed = _resumed_from(capsys.readouterr().out)
+  assert resumed == k2 // EVERY * EVERY and k2 - resumed < EVERY
+  assert _equal(out["state"], reference)
+
+
 # ----------------------------------------------------------------------------- corrupt checkpoints
 
 

@@ -442,7 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teacher:
   base_key = jax.random.PRNGKey(config.seed)
   k_state, k_eval, k_step = jax.random.split(base_key, 3)
 
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.max_checkpoints)
+  checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config)
   fingerprint = config_fingerprint(config, setup)
   abstract = jax.eval_shape(lambda: init_state(setup, k_state))
   train_step, state_sh, base_sh = sharded_step(setup, mesh, abstract, k_step)
