@@ -33,8 +33,18 @@ from emd_jax import nets, parallel, train  # noqa: E402
 from emd_jax.teachers.base import Teacher  # noqa: E402
 
 ADM64 = dict(arch="dhariwal_unet", precond="edm", img_resolution=64, in_channels=3, out_channels=3, label_dim=1000)
-SMALL = dict(arch="dhariwal_unet", precond="edm", img_resolution=16, in_channels=3, out_channels=3, label_dim=10,
-             model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+SMALL = dict(
+  arch="dhariwal_unet",
+  precond="edm",
+  img_resolution=16,
+  in_channels=3,
+  out_channels=3,
+  label_dim=10,
+  model_channels=32,
+  channel_mult=[1, 2],
+  num_blocks=1,
+  attn_resolutions=[8],
+)
 
 
 def abstract_teacher(spec: dict, dtype: str) -> Teacher:
@@ -97,8 +107,10 @@ def compile_step(spec: dict, devices: int, per_device_batch: int, remat: str, dt
     "output_gib": mem.output_size_in_bytes / gib,
     "temp_gib": mem.temp_size_in_bytes / gib,
     "alias_gib": mem.alias_size_in_bytes / gib,
-    "peak_estimate_gib": (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-                          + mem.temp_size_in_bytes) / gib,
+    "peak_estimate_gib": (
+      mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    )
+    / gib,
     "flops_per_device": float(cost.get("flops", float("nan"))) if cost else float("nan"),
     "compile_s": seconds,
   }
@@ -127,17 +139,23 @@ def main():
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump({"arch": spec, "backend": jax.default_backend(), "jax": jax.__version__, "rows": rows}, f, indent=2)
-  lines = ["| devices | mesh (data x fsdp) | global batch | remat | args GiB | temp GiB | peak GiB | TFLOP/device |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "| devices | mesh (data x fsdp) | global batch | remat | args GiB | temp GiB | peak GiB | TFLOP/device |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
     m = r["mesh"]
-    lines.append(f"| {r['devices']} | {m['data']} x {m['fsdp']} | {r['global_batch']} | {r['remat']} | "
-                 f"{r['argument_gib']:.2f} | {r['temp_gib']:.2f} | {r['peak_estimate_gib']:.2f} | "
-                 f"{r['flops_per_device'] / 1e12:.2f} |")
+    lines.append(
+      f"| {r['devices']} | {m['data']} x {m['fsdp']} | {r['global_batch']} | {r['remat']} | "
+      f"{r['argument_gib']:.2f} | {r['temp_gib']:.2f} | {r['peak_estimate_gib']:.2f} | "
+      f"{r['flops_per_device'] / 1e12:.2f} |"
+    )
   table = "\n".join(lines)
   with open(args.out.replace(".json", ".md"), "w") as f:
-    f.write(f"Architecture: {args.arch} ({rows[0]['params_per_net'] if rows else '?'} parameters per network), "
-            f"{args.dtype} compute, K = {args.k}, backend {jax.default_backend()}\n\n{table}\n")
+    f.write(
+      f"Architecture: {args.arch} ({rows[0]['params_per_net'] if rows else '?'} parameters per network), "
+      f"{args.dtype} compute, K = {args.k}, backend {jax.default_backend()}\n\n{table}\n"
+    )
   print(table)
 
 

@@ -35,7 +35,7 @@ from emd_jax import loop, nets, parallel
 from emd_jax import metrics as metrics_lib
 from emd_jax.config_validation import ConfigError, validate_common
 from emd_jax.diffusion import dsm_loss, heun_sample, noise_dist_from_config
-from emd_jax.distill.fake_score import all_finite
+from emd_jax.distill.fake_score import all_finite, keep_if
 from emd_jax.distill.state import make_optimizer
 from emd_jax.teachers.guidance import guided_apply
 
@@ -124,7 +124,7 @@ def make_train_step(
 
     ok = jnp.isfinite(loss) & all_finite(grads)
     new = state.replace(params=params, opt_state=opt_state, ema=ema)
-    kept = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+    kept = keep_if(ok, new, state)
     streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
     kept = kept.replace(
       step=state.step + 1, nonfinite_count=state.nonfinite_count + (~ok).astype(jnp.int32), nonfinite_streak=streak

@@ -67,9 +67,7 @@ def test_make_dataset_shapes_ranges_labels(data_dir):
   # Padding: a 4-pixel black border (-1) around the 8x8 digit.
   assert (batch["image"][:, :4] == -1).all() and (batch["image"][:, :, -4:] == -1).all()
   np.testing.assert_array_equal(batch["label"].sum(-1), np.ones(32))
-  resized = pipeline.make_dataset(
-    _cfg(data_dir, resolution=12, preprocess="resize", channels=3), batch_size=4
-  )
+  resized = pipeline.make_dataset(_cfg(data_dir, resolution=12, preprocess="resize", channels=3), batch_size=4)
   batch = next(resized.as_numpy_iterator())
   assert batch["image"].shape == (4, 12, 12, 3)
   assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
@@ -167,9 +165,7 @@ def test_image_folder(tmp_path):
   assert classes == ["cat", "dog"] and labels == [0, 0, 0, 1, 1, 1] and len(paths) == 6
   images, labels_pil = image_folder.load_folder(root, 12)
   assert images.shape == (6, 12, 12, 3) and images.dtype == np.uint8
-  tf_images = np.stack(
-    [e["image"] for e in image_folder.folder_dataset(root, 12).as_numpy_iterator()]
-  )
+  tf_images = np.stack([e["image"] for e in image_folder.folder_dataset(root, 12).as_numpy_iterator()])
   assert tf_images.shape == (6, 12, 12, 3)
   np.testing.assert_array_equal(tf_images[0], images[0])  # same size: no resampling, exact PNG
   cfg = _cfg(None, image_folder=root, resolution=12, num_classes=2)

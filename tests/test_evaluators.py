@@ -104,8 +104,7 @@ def test_class_coverage():
 def test_shipped_classifier_accuracy_and_size():
   model, params, meta = digits_classifier.load_classifier()
   size = sum(
-    os.path.getsize(os.path.join(digits_classifier.ASSET_DIR, f))
-    for f in os.listdir(digits_classifier.ASSET_DIR)
+    os.path.getsize(os.path.join(digits_classifier.ASSET_DIR, f)) for f in os.listdir(digits_classifier.ASSET_DIR)
   )
   assert size < 1_000_000
   assert meta["resolution"] == 16 and meta["test_accuracy"] >= 0.97

@@ -89,9 +89,7 @@ def test_setup_copy_from(capsys, tmp_path):
 
 
 def test_setup_repo_url(capsys):
-  (ssh,) = dry(
-    capsys, "setup", *TPU, "--repo_url", "https://github.com/me/emd_jax.git", "--branch", "dev"
-  )
+  (ssh,) = dry(capsys, "setup", *TPU, "--repo_url", "https://github.com/me/emd_jax.git", "--branch", "dev")
   script = flag(ssh, "--command")
   assert "git clone --depth=1 --branch dev https://github.com/me/emd_jax.git" in script
   assert flag(ssh, "--worker") == "all"

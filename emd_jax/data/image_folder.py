@@ -34,8 +34,7 @@ def list_images(folder: str) -> tuple[list[str], list[int], list[str]]:
   classes = sorted(
     d
     for d in os.listdir(folder)
-    if os.path.isdir(os.path.join(folder, d))
-    and any(is_image(f) for f in os.listdir(os.path.join(folder, d)))
+    if os.path.isdir(os.path.join(folder, d)) and any(is_image(f) for f in os.listdir(os.path.join(folder, d)))
   )
   paths, labels = [], []
   if classes:
@@ -57,9 +56,7 @@ def _decode(path: tf.Tensor, resolution: int, channels: int) -> tf.Tensor:
   h, w = tf.shape(image)[0], tf.shape(image)[1]
   side = tf.minimum(h, w)
   image = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
-  image = tf.image.resize(
-    tf.cast(image, tf.float32), (resolution, resolution), method="bilinear", antialias=True
-  )
+  image = tf.image.resize(tf.cast(image, tf.float32), (resolution, resolution), method="bilinear", antialias=True)
   return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)  # [R, R, C]
 
 

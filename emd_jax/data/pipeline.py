@@ -331,9 +331,7 @@ def make_train_iterator(
     arrays = load_arrays(cfg, split)
     return _in_memory_iterator(arrays, seed, start_step, global_batch_size, local)
   local_batch = local.stop - local.start
-  return _streaming_iterator(
-    cfg, split, seed, start_step, local_batch, process_index, process_count
-  )
+  return _streaming_iterator(cfg, split, seed, start_step, local_batch, process_index, process_count)
 
 
 # ----------------------------------------------------------------------------

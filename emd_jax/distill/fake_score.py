@@ -56,3 +56,13 @@ def all_finite(tree) -> Array:
   """True when every leaf of `tree` is finite (a scalar bool)."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def keep_if(ok: Array, new, old):
+  """`new` when the scalar `ok` is true, else `old` (same pytree structure): the non-finite guard.
+
+  One `lax.cond` that passes either tree through, not a `jnp.where` per leaf: for a
+  few hundred parameter leaves the per-leaf selects made XLA:CPU compile a train step
+  several times slower (42 s vs 6 s for the optimizer update of a 200-leaf U-Net).
+  """
+  return jax.lax.cond(ok, lambda a, b: a, lambda a, b: b, new, old)

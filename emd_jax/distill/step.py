@@ -28,7 +28,7 @@ import optax
 
 from emd_jax.diffusion import NoiseDist, Schedule
 from emd_jax.distill.estep import langevin_estep
-from emd_jax.distill.fake_score import all_finite, dsm_loss_and_grad
+from emd_jax.distill.fake_score import all_finite, dsm_loss_and_grad, keep_if
 from emd_jax.distill.losses import LossSpec, generator_loss
 from emd_jax.distill.state import DistillState
 
@@ -90,10 +90,6 @@ class Draws(NamedTuple):
   fake_z: Array  # [S, B, ...] latents per fake step; fake_z[0] is z
   fake_sigma: Array  # [S, B]
   fake_noise: Array  # [S, B, ...]
-
-
-def _select(pred: Array, new, old):
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
 def make_train_step(
@@ -276,7 +272,7 @@ def make_train_step(
       fake_params=fake_params,
       fake_opt_state=fake_opt_state,
     )
-    kept = _select(ok, new, state)
+    kept = keep_if(ok, new, state)
     streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
     kept = kept.replace(
       step=state.step + 1,

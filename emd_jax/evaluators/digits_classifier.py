@@ -190,9 +190,7 @@ def load_classifier(directory: str = ASSET_DIR) -> tuple[DigitsCNN, Any, dict]:
   model = DigitsCNN()
   with open(os.path.join(directory, "meta.json")) as f:
     meta = json.load(f)
-  template = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), jnp.zeros((1, RESOLUTION, RESOLUTION, 1)))["params"]
-  )
+  template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, RESOLUTION, RESOLUTION, 1)))["params"])
   template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
   with open(os.path.join(directory, "params.msgpack"), "rb") as f:
     params = serialization.from_bytes(template, f.read())

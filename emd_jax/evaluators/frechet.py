@@ -35,9 +35,7 @@ def _sqrt_psd(m: np.ndarray) -> np.ndarray:
   return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
-def frechet_distance(
-  mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, sigma_b: np.ndarray
-) -> float:
+def frechet_distance(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, sigma_b: np.ndarray) -> float:
   """Frechet (2-Wasserstein) distance between N(mu_a, sigma_a) and N(mu_b, sigma_b)."""
   mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
   sigma_a, sigma_b = np.asarray(sigma_a, np.float64), np.asarray(sigma_b, np.float64)
@@ -54,9 +52,7 @@ def frechet_distance_features(features_a: np.ndarray, features_b: np.ndarray) ->
   return frechet_distance(*feature_stats(features_a), *feature_stats(features_b))
 
 
-def class_coverage(
-  logits: np.ndarray, num_classes: int | None = None, threshold: float = 0.2
-) -> dict[str, Any]:
+def class_coverage(logits: np.ndarray, num_classes: int | None = None, threshold: float = 0.2) -> dict[str, Any]:
   """Class balance of predictions `[N, K]`.
 
   A class is covered when its share of argmax predictions is at least
@@ -93,9 +89,7 @@ def reference_features(
   images, labels = digits_tfds.digits_arrays(split)
   x = pipeline.preprocess_images(images, resolution, layout).numpy()
   model, params, _ = digits_classifier.load_classifier()
-  logits, feats = digits_classifier.predict(
-    model, params, digits_classifier.to_classifier_input(x, layout)
-  )
+  logits, feats = digits_classifier.predict(model, params, digits_classifier.to_classifier_input(x, layout))
   return feats, logits, labels
 
 
@@ -153,9 +147,7 @@ class DigitsEvaluator:
     self.layout, self.reference_split, self.k = layout, reference_split, k
 
   def __call__(self, images: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
-    return evaluate_images(
-      images, labels, layout=self.layout, reference_split=self.reference_split, k=self.k
-    )
+    return evaluate_images(images, labels, layout=self.layout, reference_split=self.reference_split, k=self.k)
 
 
 def make_image_evaluator(name: str, **kwargs: Any):

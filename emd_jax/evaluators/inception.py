@@ -190,9 +190,7 @@ class InceptionV3FID(nn.Module):
     if x.shape[-1] == 1:
       x = jnp.repeat(x, 3, axis=-1)
     if self.resize_to is not None and x.shape[1:3] != (self.resize_to, self.resize_to):
-      x = jax.image.resize(
-        x, (x.shape[0], self.resize_to, self.resize_to, 3), "bilinear", antialias=False
-      )
+      x = jax.image.resize(x, (x.shape[0], self.resize_to, self.resize_to, 3), "bilinear", antialias=False)
     if min(x.shape[1:3]) < MIN_INPUT_SIZE:
       raise ValueError(f"Inception-v3 needs inputs of at least {MIN_INPUT_SIZE}px, got {x.shape}")
     x = BasicConv(32, (3, 3), stride=2, name="Conv2d_1a_3x3")(x)  # [B, 149, 149, 32]

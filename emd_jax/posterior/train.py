@@ -43,6 +43,7 @@ from emd_jax import checkpoint as ckpt_lib
 from emd_jax import loop, parallel, teachers
 from emd_jax import metrics as metrics_lib
 from emd_jax.config_validation import ConfigError, validate_common
+from emd_jax.distill.fake_score import keep_if
 from emd_jax.nets import lora as lora_lib
 from emd_jax.posterior import discriminator as disc_lib
 from emd_jax.posterior import export as export_lib
@@ -296,14 +297,18 @@ def make_train_step(setup: Setup, base_key: Array, batch_sharding=None) -> Calla
     g_trainable = {k: grads[k] for k in state.params}
     ok = jnp.isfinite(terms["loss/total"]) & jnp.isfinite(_tree_norm(g_trainable))
     ok &= jnp.isfinite(d_loss) & jnp.isfinite(_tree_norm(d_grads))
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    params, opt_state, disc_params, disc_opt_state = keep_if(
+      ok,
+      (params, opt_state, disc_params, disc_opt_state),
+      (state.params, state.opt_state, state.disc_params, state.disc_opt_state),
+    )
     streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
     new_state = UD2MState(
       step=state.step + 1,
-      params=keep(params, state.params),
-      opt_state=keep(opt_state, state.opt_state),
-      disc_params=keep(disc_params, state.disc_params),
-      disc_opt_state=keep(disc_opt_state, state.disc_opt_state),
+      params=params,
+      opt_state=opt_state,
+      disc_params=disc_params,
+      disc_opt_state=disc_opt_state,
       nonfinite_count=state.nonfinite_count + (~ok).astype(jnp.int32),
       nonfinite_streak=streak,
     )
