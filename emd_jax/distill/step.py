@@ -247,9 +247,15 @@ def make_train_step(
       ok = jnp.isfinite(loss) & all_finite(grads)
       return (params, opt_state), (loss, optax.global_norm(grads), ok)
 
-    (fake_params, fake_opt_state), (f_loss, f_gnorm, f_ok) = jax.lax.scan(
-      fake_body, (state.fake_params, state.fake_opt_state), jnp.arange(cfg.fake_steps)
-    )
+    carry = (state.fake_params, state.fake_opt_state)
+    if cfg.fake_steps == 1:
+      # Not a length-1 scan: inside a scan (even `unroll=True`) XLA:CPU emitted the fake
+      # denoiser's weight-gradient convolutions as naive loops rather than library calls, a
+      # 3x slower step on CPU (benchmarks/step_overhead.py); called directly they are not.
+      (fake_params, fake_opt_state), outs = fake_body(carry, 0)
+      f_loss, f_gnorm, f_ok = jax.tree.map(lambda v: v[None], outs)
+    else:
+      (fake_params, fake_opt_state), (f_loss, f_gnorm, f_ok) = jax.lax.scan(fake_body, carry, jnp.arange(cfg.fake_steps))
 
     # 3-4. E-step and M-step, accumulated over micro-batches.
     if accum == 1:
