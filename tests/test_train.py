@@ -174,3 +174,12 @@ def test_config_errors_are_clear_and_stop_before_compute(tmp_path, args, message
   assert message in text, text[-3000:]
   assert "Traceback" not in text, text[-3000:]
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_several_fake_updates_per_generator_step(tmp_path):
+  """fake.steps_per_gen_step > 1 takes the scanned fake update (1 calls it directly): it trains and differs."""
+  one = train.train_and_evaluate(tiny(total_steps=3), str(tmp_path / "one"))["state"]
+  two = train.train_and_evaluate(tiny(total_steps=3, **{"fake.steps_per_gen_step": 2}), str(tmp_path / "two"))["state"]
+  assert int(two.step) == 3 and int(two.nonfinite_count) == 0
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(two.fake_params))
+  assert not _leaves_equal(one.fake_params, two.fake_params)
