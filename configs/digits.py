@@ -19,7 +19,7 @@ of the EMA generator are scored against the real digits (Frechet distance in
 the shipped digits classifier's features, class coverage, precision/recall)
 and a grid goes to TensorBoard and `samples_step{N}.png`.
 
-Expected compute: see docs/digits.md (about 10 minutes on 2 CPU cores).
+Expected compute: see docs/digits.md (6-7 minutes on 2 CPU cores, measured).
 `configs/digits.py:tiny` is a seconds-long variant for the tests.
 
 The field set is `emd_jax.config_defaults.distill_config()`, shared with every
