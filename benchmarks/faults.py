@@ -121,8 +121,14 @@ class Runner:
     r = self.run(workdir, overrides, steps, kill_after, sig)
     trial["runs"] += 1
     trial["resumes"] += int(r["resumed"] > 0)
-    if trial["kills"] and "lost" not in trial["kills"][-1]:
-      trial["kills"][-1]["lost"] = (trial["kills"][-1]["at"] or 0) - r["resumed"]
+    # A kill's lost work is known once a later launch shows where it restarted: it printed
+    # "resumed from checkpoint step N", or a step line (then it started from scratch), or it
+    # finished. A launch killed before that tells nothing; its own kill, with no update seen
+    # ("at" None), did no work and lost none.
+    if r["resumed"] > 0 or r["last_step"] is not None or r["returncode"] == 0:
+      for kill in trial["kills"]:
+        if "lost" not in kill:
+          kill["lost"] = 0 if kill["at"] is None else kill["at"] - r["resumed"]
     return r
 
 
