@@ -36,6 +36,7 @@ def get_config(arg: str = ""):
   c.eval_every = 10_000
   c.eval_num_samples = 10_000
   c.checkpoint_every = 5_000
+  c.checkpoint_async = True  # pod-scale state: do not stall the step on each save (docs/reliability.md)
   variants = arg.split(",") if arg else []
   for v in variants:
     if v == "cond":

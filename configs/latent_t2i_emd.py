@@ -39,6 +39,7 @@ def get_config(arg: str = ""):
   c.eval_every = 1_000
   c.eval_num_samples = 1_024
   c.checkpoint_every = 500
+  c.checkpoint_async = True  # pod-scale state: do not stall the step on each save (docs/reliability.md)
   if arg == "tiny":
     shrink_for_tests(c)
     c.compute_dtype = "float32"

@@ -90,7 +90,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval_every = 500
   c.checkpoint_every = 500
   c.max_checkpoints = 2
-  c.checkpoint_async = True
+  c.checkpoint_async = False  # small state: a save blocks for milliseconds; a kill loses <= one interval
   c.nonfinite_limit = 20
   c.save_teacher = True
 

@@ -112,7 +112,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.eval_batch_size = 128
   c.checkpoint_every = 200
   c.max_checkpoints = 2
-  c.checkpoint_async = True
+  c.checkpoint_async = False  # small state: a save blocks for milliseconds; a kill loses <= one interval
   c.export_at_end = True
   c.copy_teacher = True  # export a copy of the teacher (False: reference it by path)
   c.nonfinite_limit = 20

@@ -52,6 +52,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.log_every = 100
   c.eval_every = 5000
   c.checkpoint_every = 5000
+  c.checkpoint_async = True  # pod-scale state: do not stall the step on each save (docs/reliability.md)
   c.copy_teacher = False  # reference the (large) teacher by path
   if arg == "tiny":
     return base.tiny(c)

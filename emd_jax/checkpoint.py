@@ -79,7 +79,7 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` with named items and verified restores."""
 
-  def __init__(self, directory: str, max_to_keep: int = 3, asynchronous: bool = True):
+  def __init__(self, directory: str, max_to_keep: int = 3, asynchronous: bool = False):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True
@@ -90,15 +90,15 @@ class Checkpointer:
   def for_run(cls, workdir: str, config) -> Checkpointer:
     """The run's checkpointer in `<workdir>/checkpoints`: `max_checkpoints` kept, `checkpoint_async` writes.
 
-    Asynchronous writes (the default) overlap the next steps; a SIGKILL during one loses the
-    steps since the previous complete checkpoint, at most `checkpoint_every` plus the steps run
-    while the write was in flight. `checkpoint_async=False` blocks until each write is
-    committed, so a kill loses at most `checkpoint_every` steps.
+    `checkpoint_async=False` (the default) blocks until each write is committed, so a SIGKILL
+    loses at most `checkpoint_every` steps. Asynchronous writes overlap the next steps; a kill
+    during one loses the steps since the previous complete checkpoint, at most
+    `checkpoint_every` plus the steps run while the write was in flight.
     """
     return cls(
       os.path.join(workdir, "checkpoints"),
       max_to_keep=config.get("max_checkpoints", 3),
-      asynchronous=bool(config.get("checkpoint_async", True)),
+      asynchronous=bool(config.get("checkpoint_async", False)),
     )
 
   def latest_step(self) -> int | None:

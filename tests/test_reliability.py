@@ -95,9 +95,10 @@ def test_sigkill_anywhere_and_sigterm_resume_bit_identically(tmp_path, reference
   k2 = int(rng.integers(k1 + 1, 3 * EVERY + 1))  # killed after an update
   k3 = int(rng.integers(k2 + 1, STEPS))  # SIGTERM: checkpoint and exit 75
   w = tmp_path / "w"
-  r = _cli(w, f"debug.kill_at_step={k1}", "debug.kill_phase=save")
+  # Asynchronous writes (the paper configs' choice), so that the first kill can land mid-write.
+  r = _cli(w, "checkpoint_async=True", f"debug.kill_at_step={k1}", "debug.kill_phase=save")
   assert r.returncode == -9, r.stderr[-2000:]
-  r = _cli(w, f"debug.kill_at_step={k2}", "debug.kill_phase=step")
+  r = _cli(w, "checkpoint_async=True", f"debug.kill_at_step={k2}", "debug.kill_phase=step")
   assert r.returncode == -9, r.stderr[-2000:]
   resumed = _resumed_from(r.stdout)
   assert k1 - EVERY <= resumed <= k1, r.stdout  # the write killed mid-way is ignored, or it had completed
@@ -118,7 +119,7 @@ def test_sigkill_anywhere_and_sigterm_resume_bit_identically(tmp_path, reference
 
 
 def test_synchronous_checkpoints_bound_a_kill_to_one_interval(tmp_path, reference, capsys):
-  """checkpoint_async=False: a SIGKILL right after a save, or between steps, loses < one interval."""
+  """checkpoint_async=False (the default): a SIGKILL right after a save, or between steps, loses < one interval."""
   rng = np.random.default_rng(7)
   k1 = int(rng.choice([EVERY, 2 * EVERY]))
   k2 = int(rng.integers(k1 + 1, STEPS))
