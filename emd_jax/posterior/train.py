@@ -279,7 +279,12 @@ def make_train_step(setup: Setup, base_key: Array, batch_sharding=None) -> Calla
     key = jax.random.fold_in(base_key, state.step)
     k_loss, _ = jax.random.split(key)
     full = {"base": base, **state.params}
-    grads, (terms, x0, y) = jax.grad(sampler_loss, has_aux=True)(full, state.disc_params, feature_params, x, k_loss)
+    # Differentiate the trainable leaves only: with the frozen base a constant, the backward
+    # pass through the unfolded blocks computes no weight gradients for it (inside a scan XLA
+    # could not drop them). The optimizer still sees the whole tree, the base masked to zero.
+    trainable_loss = lambda p: sampler_loss({"base": base, **p}, state.disc_params, feature_params, x, k_loss)
+    g_trainable, (terms, x0, y) = jax.grad(trainable_loss, has_aux=True)(state.params)
+    grads = {"base": jax.tree.map(jnp.zeros_like, base), **g_trainable}
     updates, opt_state = setup.tx.update(grads, state.opt_state, full)
     params = optax.apply_updates(state.params, {k: updates[k] for k in state.params})  # the base update is unused
 
@@ -294,7 +299,6 @@ def make_train_step(setup: Setup, base_key: Array, batch_sharding=None) -> Calla
     d_updates, disc_opt_state = setup.tx_disc.update(d_grads, state.disc_opt_state, state.disc_params)
     disc_params = optax.apply_updates(state.disc_params, d_updates)
 
-    g_trainable = {k: grads[k] for k in state.params}
     ok = jnp.isfinite(terms["loss/total"]) & jnp.isfinite(_tree_norm(g_trainable))
     ok &= jnp.isfinite(d_loss) & jnp.isfinite(_tree_norm(d_grads))
     params, opt_state, disc_params, disc_opt_state = keep_if(

@@ -133,7 +133,10 @@ def unfolded_blocks(
     return x0, x0
 
   ks = jnp.arange(lam.shape[0])
-  x0_hat, per_block = jax.lax.scan(block, v0, (ks, lam, t_delta))
+  # Unrolled (K is small, 3 by default): inside a rolled loop XLA:CPU emits the LoRA weight
+  # gradients' convolutions as naive loops; unrolling made the digits train step 2.5x faster
+  # (1.7 -> 0.67 s at batch 32). Same values either way.
+  x0_hat, per_block = jax.lax.scan(block, v0, (ks, lam, t_delta), unroll=True)
   return x0_hat, per_block
 
 
