@@ -20,6 +20,8 @@ import os
 
 import ml_collections
 
+from emd_jax.nets.lora import DEFAULT_TARGETS
+
 
 def _deblur_module():
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ud2m_digits_deblur.py")
@@ -35,6 +37,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.total_steps = 100_000
   c.batch_size = 2
   c.optim.lr = 1e-4
+  c.lora.targets = DEFAULT_TARGETS  # the paper's: attention projections + output layer
   c.teacher.checkpoint = ""  # required: a converted 256x256 EDM/ADM teacher directory
   c.data.name = "imagenet2012"
   c.data.resolution = 256

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from emd_jax.nets import lora
 
@@ -48,6 +49,9 @@ def test_default_targets_select_attention_and_output():
   assert only_hidden == ["hidden/kernel"]
   by_fn = lora.select_targets(params, lambda path, leaf: leaf.ndim == 4)
   assert by_fn == ["out_conv/kernel"]
+  every = lora.select_targets(params, lora.ALL_TARGETS)  # every kernel, no bias or scale
+  kernels = [k for k, v in traverse_util.flatten_dict(params, sep="/").items() if k.endswith("kernel") and v.ndim in (2, 4)]
+  assert sorted(every) == sorted(kernels) and len(every) > 2
 
 
 def test_zero_init_merge_is_exactly_base():

@@ -21,6 +21,9 @@ attention and the output layer:
   r"(^|/)(out_conv|proj_out|conv_out|final|final_conv)/"   the output layer (Dhariwal `out_conv`)
   r"aux_conv/"                          EDM SongUNet's per-resolution output convs
 
+`ALL_TARGETS` adapts every Dense and conv kernel: for a small network (the digits
+teacher has attention at one resolution only) the default leaves too little to adapt.
+
 The base weights stay frozen: keep them out of the differentiated arguments,
 or put them in the same tree as the adapter and use `frozen_base_optimizer`.
 """
@@ -46,6 +49,7 @@ DEFAULT_TARGETS: tuple[str, ...] = (
   r"(^|/)(out_conv|proj_out|conv_out|final|final_conv)/",
   r"aux_conv/",
 )
+ALL_TARGETS: tuple[str, ...] = (r".*",)  # every kernel/weight leaf
 _WEIGHT_NAMES = ("kernel", "weight")
 _A, _B = "lora_a", "lora_b"
 
