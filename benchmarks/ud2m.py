@@ -56,8 +56,8 @@ from emd_jax.posterior.metrics import psnr, ssim  # noqa: E402
 TASKS = {"deblur": "ud2m_digits_deblur", "inpaint": "ud2m_digits_inpaint"}
 # Tuning grids, wide enough that the chosen values are inside them (not on an edge) for the
 # digits tasks; the md table names the chosen values.
-DIFFPIR_GRID = list(itertools.product([0.3, 1.0, 3.0, 7.0, 20.0], [0.1, 0.3, 0.6, 1.0]))  # (lambda, zeta)
-ZERO_SHOT_GRID = list(itertools.product([0.25, 0.5, 1.0, 2.0], [0.3, 1.0, 3.0, 10.0]))  # (t_delta_max, lam / t_delta^2)
+DIFFPIR_GRID = list(itertools.product([0.1, 0.3, 1.0, 3.0, 7.0, 20.0], [0.3, 0.6, 1.0]))  # (lambda, zeta)
+ZERO_SHOT_GRID = list(itertools.product([0.125, 0.25, 0.5, 1.0, 2.0], [0.3, 1.0, 3.0, 10.0]))  # (t_delta_max, lam / t_delta^2)
 
 
 def load_config(name: str, arg: str = ""):
