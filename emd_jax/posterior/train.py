@@ -279,9 +279,9 @@ def make_train_step(setup: Setup, base_key: Array, batch_sharding=None) -> Calla
     key = jax.random.fold_in(base_key, state.step)
     k_loss, _ = jax.random.split(key)
     full = {"base": base, **state.params}
-    # Differentiate the trainable leaves only: with the frozen base a constant, the backward
-    # pass through the unfolded blocks computes no weight gradients for it (inside a scan XLA
-    # could not drop them). The optimizer still sees the whole tree, the base masked to zero.
+    # Differentiate the trainable leaves only: the frozen base is a constant, so the backward
+    # pass forms no weight gradients for it by construction (rather than relying on XLA to drop
+    # unused ones). The optimizer still sees the whole tree, the base masked to zero.
     trainable_loss = lambda p: sampler_loss({"base": base, **p}, state.disc_params, feature_params, x, k_loss)
     g_trainable, (terms, x0, y) = jax.grad(trainable_loss, has_aux=True)(state.params)
     grads = {"base": jax.tree.map(jnp.zeros_like, base), **g_trainable}
