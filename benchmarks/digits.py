@@ -65,11 +65,11 @@ def score(images: np.ndarray) -> dict:
   return {k: v for k, v in image_eval.score_images(images).items() if k in keys}
 
 
-def score_sets(sample_fn, rng, num_sets: int) -> tuple[dict, np.ndarray]:
-  """Mean scores over `num_sets` latent sets (`fd_std`: FD's spread) and the first set's images."""
+def score_sets(sample_fn, keys) -> tuple[dict, np.ndarray]:
+  """Mean scores over one latent set per key (`fd_std`: FD's spread) and the first set's images."""
   sets, first = [], None
-  for i in range(num_sets):
-    x = np.asarray(sample_fn(jax.random.fold_in(rng, i)))
+  for key in keys:
+    x = np.asarray(sample_fn(key))
     first = x if first is None else first
     sets.append(score(x))
   out = {k: float(np.mean([r[k] for r in sets])) for k in sets[0]}
@@ -113,7 +113,8 @@ def main() -> None:
   teacher = teachers.load(args.teacher)
   t0 = time.perf_counter()
   teacher_fn = lambda r: sample_teacher(teacher, r, args.num_samples, num_steps=18, batch_size=500)[0]
-  scores, x_t = score_sets(teacher_fn, rng, args.latent_sets)
+  set_keys = [jax.random.fold_in(rng, i) for i in range(args.latent_sets)]
+  scores, x_t = score_sets(teacher_fn, set_keys)
   row = {"model": "teacher (Heun 18 steps)", "nfe": 35, **scores, "sample_seconds": time.perf_counter() - t0}
   grids.save_png(f"{args.out}_teacher.png", grids.image_grid(x_t[:100]), scale=3)
   rows = [row]
@@ -134,7 +135,7 @@ def main() -> None:
     train_lib.train_and_evaluate(config, workdir)
     seconds = time.perf_counter() - t0
     sampler = load_sampler(os.path.join(workdir, "export"))
-    scores, x = score_sets(lambda r: sampler.sample(r, args.num_samples, batch_size=500), rng, args.latent_sets)
+    scores, x = score_sets(lambda r: sampler.sample(r, args.num_samples, batch_size=500), set_keys)
     r = {"model": f"{method} (one step)", "nfe": 1, "steps": args.steps, "train_seconds": seconds, **scores}
     r["fd_ratio"] = r["fd"] / row["fd"]
     grids.save_png(f"{args.out}_{method}.png", grids.image_grid(x[:100]), scale=3)

@@ -26,14 +26,13 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.digits import score_sets  # noqa: E402
 from configs.digits import get_config  # noqa: E402
 from emd_jax import train as train_lib  # noqa: E402
-from emd_jax.evaluators import images as image_eval  # noqa: E402
 from emd_jax.export import load_sampler  # noqa: E402
 
 
@@ -98,10 +97,9 @@ def main() -> None:
     train_lib.train_and_evaluate(config, workdir)
     row = {"name": name, "overrides": overrides, "steps": args.steps, "seconds": time.perf_counter() - t0}
     sampler = load_sampler(os.path.join(workdir, "export"))
-    for seed in (0, 1):
-      x = np.asarray(sampler.sample(jax.random.key(seed), args.num_samples, batch_size=500))
-      s = image_eval.score_images(x)
-      row[f"fd{seed}"], row[f"cov{seed}"] = float(s["fd"]), float(s["coverage"])
+    for seed in (0, 1):  # one set per seed, scored as the benchmark scores it
+      s, _ = score_sets(lambda k: sampler.sample(k, args.num_samples, batch_size=500), [jax.random.key(seed)])
+      row[f"fd{seed}"], row[f"cov{seed}"] = s["fd"], s["coverage"]
     row["fd_mean"] = (row["fd0"] + row["fd1"]) / 2
     row["ratio"] = row["fd_mean"] / args.teacher_fd
     print(json.dumps(row), flush=True)

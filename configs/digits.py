@@ -19,7 +19,7 @@ of the EMA generator are scored against the real digits (Frechet distance in
 the shipped digits classifier's features, class coverage, precision/recall)
 and a grid goes to TensorBoard and `samples_step{N}.png`.
 
-Expected compute: see docs/digits.md (6-7 minutes on 2 CPU cores, measured).
+Expected compute: see docs/digits.md (8 min 22 s end to end on 2 CPU cores, measured).
 `configs/digits.py:tiny` is a seconds-long variant for the tests.
 
 The field set is `emd_jax.config_defaults.distill_config()`, shared with every
@@ -47,7 +47,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.generator.sigma_init = 2.5
   # Generator noise levels lognormal(-2, 2) instead of the fake denoiser's (-1.2, 1.2): more weight
-  # on small sigma, where the one-step samples' grain shows. FD 21.2 -> 15.3 for emd_sim at 400 steps
+  # on small sigma, where the one-step samples' grain shows. FD 21.2 -> 15.9 for emd_sim at 400 steps
   # (benchmarks/results/digits_sweep.md, docs/digits.md); SIM's paper uses (-3.5, 2.5) here.
   c.loss.noise.p_mean = -2.0
   c.loss.noise.p_std = 2.0
