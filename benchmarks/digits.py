@@ -3,8 +3,9 @@
 In one run:
   1. the teacher's 18-step EDM Heun samples (35 NFE), `--num_samples` of them;
   2. for each method of `--methods`, `configs/digits.py` distilled for the same
-     `--steps` (from the teacher's weights), then `--num_samples` one-step
-     samples of its EMA generator (same latents for every method);
+     `--steps` (default: the config's `total_steps`, the README main job's budget)
+     from the teacher's weights, then `--num_samples` one-step samples of its EMA
+     generator (same latents for every method);
   3. everything scored by the digits evaluator: Frechet distance to the real
      train digits in the shipped classifier's features, class coverage,
      precision/recall; `fd_ratio` = student FD / teacher FD.
@@ -14,7 +15,7 @@ FD at 2,000 samples moves by about +-1 between latent sets of the same model
 `--latent_sets` independent sets (the same sets for every row) and the table
 gives the mean and standard deviation; the ratio is of the means.
 
-  python benchmarks/digits.py --steps 300
+  python benchmarks/digits.py                # every preset at the main job's budget (the config's total_steps)
   python benchmarks/digits.py --methods emd_sim,sid --steps 100 --batch_size 16
 
 Writes `--out`.md, `--out`.json and one grid PNG per row (`--out`_<row>.png).
@@ -98,7 +99,7 @@ def markdown(rows: list[dict], settings: dict) -> str:
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--methods", default=DEFAULT_METHODS)
-  ap.add_argument("--steps", type=int, default=300)
+  ap.add_argument("--steps", type=int, default=0, help="distillation steps per method; 0: the config's total_steps")
   ap.add_argument("--batch_size", type=int, default=0, help="0: the config's")
   ap.add_argument("--num_samples", type=int, default=2000)
   ap.add_argument("--teacher", default="builtin:digits_uncond")
@@ -120,6 +121,7 @@ def main() -> None:
   rows = [row]
   print(json.dumps(row), flush=True)
 
+  args.steps = args.steps or get_config().total_steps  # the main job's budget by default
   for method in filter(None, args.methods.split(",")):
     config = get_config()
     config.method = method

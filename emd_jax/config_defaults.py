@@ -58,7 +58,12 @@ def distill_config() -> ml_collections.ConfigDict:
   c.generator.eps = 1e-8
   c.generator.grad_clip = 0.0
   c.generator.warmup_steps = 0
+  c.generator.decay = "none"  # or "cosine" / "linear": from lr after warm-up to lr * end_factor at total_steps
+  c.generator.end_factor = 0.0
   c.generator.ema_decay = 0.999
+  # True: the EMA averages only the trained iterates (bias-corrected, like Adam's moments), so a
+  # short run's EMA holds none of the initial weights; False: the EMA starts at the initial weights.
+  c.generator.ema_debias = False
 
   c.fake = ml_collections.ConfigDict()
   c.fake.lr = 1e-5
@@ -67,6 +72,8 @@ def distill_config() -> ml_collections.ConfigDict:
   c.fake.eps = 1e-8
   c.fake.grad_clip = 0.0
   c.fake.warmup_steps = 0
+  c.fake.decay = "none"  # or "cosine" / "linear": from lr after warm-up to lr * end_factor at total_steps
+  c.fake.end_factor = 0.0
   c.fake.steps_per_gen_step = 1
   c.fake.noise = noise(-1.2, 1.2)
 

@@ -39,6 +39,9 @@ def _check_optimizer(cfg, prefix: str) -> None:
   _require(0 <= cfg.b1 < 1, f"{prefix}.b1", f"must be in [0, 1), got {cfg.b1}")
   _require(0 <= cfg.b2 < 1, f"{prefix}.b2", f"must be in [0, 1), got {cfg.b2}")
   _require(cfg.get("grad_clip", 0) >= 0, f"{prefix}.grad_clip", "must be >= 0")
+  decay = cfg.get("decay", "none")
+  _require(decay in ("none", "cosine", "linear"), f"{prefix}.decay", f"unknown {decay!r}; known: none, cosine, linear")
+  _require(0 <= cfg.get("end_factor", 0.0) <= 1, f"{prefix}.end_factor", "must be in [0, 1]")
 
 
 def validate_common(config) -> None:

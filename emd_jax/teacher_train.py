@@ -197,7 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_shape = (config.data.resolution, config.data.resolution, spec["in_channels"])
   mesh = parallel.make_mesh(config.mesh)
   parallel.check_batch(config.batch_size, mesh)
-  tx = make_optimizer(config.optimizer)
+  tx = make_optimizer(config.optimizer, config.total_steps)
   dist = noise_dist_from_config(config.noise)
   sigma_data = float(spec.get("sigma_data", 0.5))
 

@@ -94,10 +94,13 @@ def build_setup(config, teacher: Teacher | None = None) -> Setup:
     noise_cancellation=config.estep.noise_cancellation,
     fake_steps=config.fake.steps_per_gen_step,
     ema_decay=config.generator.ema_decay,
+    ema_debias=config.generator.get("ema_debias", False),
     grad_accum_steps=config.get("grad_accum_steps", 1),
     remat=config.get("remat", "none"),
   )
-  return Setup(teacher, spec, module, step_cfg, make_optimizer(config.generator), make_optimizer(config.fake))
+  tx_gen = make_optimizer(config.generator, config.total_steps)
+  tx_fake = make_optimizer(config.fake, config.total_steps)
+  return Setup(teacher, spec, module, step_cfg, tx_gen, tx_fake)
 
 
 def initial_student_params(config, setup: Setup, rng):

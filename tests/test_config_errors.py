@@ -77,6 +77,8 @@ CASES = [
   (["--config.generator.ema_decay=1.0"], "generator.ema_decay: must be in [0, 1)"),
   (["--config.generator.lr=-1"], "generator.lr: must be > 0"),
   (["--config.fake.b2=1.0"], "fake.b2: must be in [0, 1)"),
+  (["--config.generator.decay=step"], "generator.decay: unknown 'step'"),
+  (["--config.fake.end_factor=2.0"], "fake.end_factor: must be in [0, 1]"),
   (["--config.loss.noise.sigma_min=0"], "loss.noise.sigma_min: must be > 0"),
   (["--config.fake.steps_per_gen_step=0"], "fake.steps_per_gen_step: must be >= 1"),
   (["--config.total_steps=-1"], "total_steps: must be >= 0"),

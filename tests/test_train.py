@@ -96,6 +96,48 @@ def test_step_skips_nonfinite_update_and_never_recompiles():
     s2, _ = jitted(s2, setup.teacher.params)
 
 
+def _txs(setup):
+  return setup.tx_gen, setup.tx_fake
+
+
+def test_debiased_ema_is_the_normalised_average_of_accepted_iterates():
+  """`generator.ema_debias`: EMA_n = sum_k d^(n-k) p_k / sum_k d^(n-k) over accepted updates; a
+  skipped (non-finite) step adds nothing, and the initial weights carry no weight."""
+  d = 0.8
+  c = tiny(**{"generator.ema_decay": d, "generator.ema_debias": True})
+  train.validate_distill(c)
+  setup = train.build_setup(c)
+  key = jax.random.PRNGKey(0)
+  params = setup.module.init(key, jnp.zeros((1, 2)), jnp.ones((1,)))["params"]
+  from emd_jax.distill.state import create_state
+
+  step = jax.jit(train.make_train_step(setup.step_cfg, setup.net_apply, setup.teacher.apply, *_txs(setup)))
+  state = create_state(key, params, setup.tx_gen, setup.tx_fake)
+  nan_teacher = jax.tree.map(lambda x: x * jnp.nan, setup.teacher.params)
+  iterates = []
+  for i in range(6):
+    state, m = step(state, nan_teacher if i == 2 else setup.teacher.params)
+    if i != 2:
+      iterates.append(jax.device_get(state.gen_params))
+    n = len(iterates)
+    w = [d ** (n - 1 - k) for k in range(n)]
+    expected = jax.tree.map(lambda *ps, w=w: sum(wk * p for wk, p in zip(w, ps, strict=True)) / sum(w), *iterates)
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(jax.device_get(state.gen_ema)), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"after step {i + 1}")
+  assert int(state.nonfinite_count) == 1
+  # The plain EMA differs: it keeps weight d^n on the initial parameters.
+  plain = tiny(**{"generator.ema_decay": d})
+  train.validate_distill(plain)
+  setup_p = train.build_setup(plain)
+  step_p = jax.jit(train.make_train_step(setup_p.step_cfg, setup_p.net_apply, setup_p.teacher.apply, *_txs(setup_p)))
+  sp = create_state(key, params, setup_p.tx_gen, setup_p.tx_fake)
+  sp, _ = step_p(sp, setup_p.teacher.params)
+  first = jax.device_get(sp.gen_params)
+  leaves = jax.tree.leaves
+  for a, p0, p1 in zip(leaves(jax.device_get(sp.gen_ema)), leaves(params), leaves(first), strict=True):
+    np.testing.assert_allclose(a, d * np.asarray(p0) + (1 - d) * p1, rtol=1e-5, atol=1e-6)
+
+
 def test_sharded_step_equals_single_device_step():
   c = tiny(batch_size=64)
   train.validate_distill(c)

@@ -39,14 +39,38 @@ class DistillState:
   nonfinite_streak: Array  # int32 [], consecutive skipped steps up to now
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
-  """Adam (b1 = 0 by default, as in the papers) with optional clipping and warm-up.
+def lr_schedule(cfg, total_steps: int | None = None):
+  """The learning rate: a constant `lr`, after an optional linear warm-up from 0.
 
-  Reads `lr`, `b1`, `b2`, `eps`, `grad_clip`, `warmup_steps` from `cfg`.
+  `decay` ("none", "cosine", "linear") lowers it from `lr` at the end of the warm-up to
+  `lr * end_factor` at `total_steps` (held there after). A decay needs `total_steps`.
   """
-  lr = cfg.lr
-  if cfg.get("warmup_steps", 0):
-    lr = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+  warmup = int(cfg.get("warmup_steps", 0))
+  decay = cfg.get("decay", "none")
+  if decay == "none":
+    return optax.linear_schedule(0.0, cfg.lr, warmup) if warmup else cfg.lr
+  if total_steps is None:
+    raise ValueError(f"learning-rate decay {decay!r} needs total_steps")
+  if decay not in ("cosine", "linear"):
+    raise ValueError(f"unknown learning-rate decay {decay!r}; known: none, cosine, linear")
+  end = cfg.lr * float(cfg.get("end_factor", 0.0))
+  span = max(int(total_steps) - warmup, 1)
+  if decay == "cosine":
+    tail = optax.cosine_decay_schedule(cfg.lr, span, alpha=float(cfg.get("end_factor", 0.0)))
+  else:
+    tail = optax.linear_schedule(cfg.lr, end, span)
+  if not warmup:
+    return tail
+  return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), tail], [warmup])
+
+
+def make_optimizer(cfg, total_steps: int | None = None) -> optax.GradientTransformation:
+  """Adam (b1 = 0 by default, as in the papers) with optional clipping, warm-up and decay.
+
+  Reads `lr`, `b1`, `b2`, `eps`, `grad_clip`, `warmup_steps`, `decay`, `end_factor` from `cfg`
+  (see `lr_schedule`).
+  """
+  lr = lr_schedule(cfg, total_steps)
   parts = []
   if cfg.get("grad_clip", 0.0):
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))

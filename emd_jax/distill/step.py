@@ -61,6 +61,7 @@ class StepConfig:
   noise_cancellation: bool = True
   fake_steps: int = 1
   ema_decay: float = 0.999
+  ema_debias: bool = False  # weights d^(n-k) over accepted updates k = 1..n only (no initial weights)
   grad_accum_steps: int = 1
   remat: str = "none"  # activation rematerialisation of every network pass
 
@@ -255,7 +256,9 @@ def make_train_step(
       (fake_params, fake_opt_state), outs = fake_body(carry, 0)
       f_loss, f_gnorm, f_ok = jax.tree.map(lambda v: v[None], outs)
     else:
-      (fake_params, fake_opt_state), (f_loss, f_gnorm, f_ok) = jax.lax.scan(fake_body, carry, jnp.arange(cfg.fake_steps))
+      (fake_params, fake_opt_state), (f_loss, f_gnorm, f_ok) = jax.lax.scan(
+        fake_body, carry, jnp.arange(cfg.fake_steps)
+      )
 
     # 3-4. E-step and M-step, accumulated over micro-batches.
     if accum == 1:
@@ -267,6 +270,11 @@ def make_train_step(
     updates, gen_opt_state = tx_gen.update(g_grads, state.gen_opt_state, state.gen_params)
     gen_params = optax.apply_updates(state.gen_params, updates)
     decay = cfg.ema_decay
+    if cfg.ema_debias:
+      # Bias-corrected EMA: the normalised average sum_k d^(n-k) p_k / sum_k d^(n-k) over the
+      # n accepted updates, so the initial (teacher) weights carry no weight. n = 1 copies p_1.
+      n = (state.step - state.nonfinite_count + 1).astype(jnp.float32)
+      decay = decay * (1.0 - decay ** (n - 1.0)) / (1.0 - decay**n)
     gen_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.gen_ema, gen_params)
 
     # 5. Non-finite guard: keep the old state unless everything is finite.
