@@ -53,12 +53,12 @@ def lr_schedule(cfg, total_steps: int | None = None):
     raise ValueError(f"learning-rate decay {decay!r} needs total_steps")
   if decay not in ("cosine", "linear"):
     raise ValueError(f"unknown learning-rate decay {decay!r}; known: none, cosine, linear")
-  end = cfg.lr * float(cfg.get("end_factor", 0.0))
+  end_factor = float(cfg.get("end_factor", 0.0))
   span = max(int(total_steps) - warmup, 1)
   if decay == "cosine":
-    tail = optax.cosine_decay_schedule(cfg.lr, span, alpha=float(cfg.get("end_factor", 0.0)))
+    tail = optax.cosine_decay_schedule(cfg.lr, span, alpha=end_factor)
   else:
-    tail = optax.linear_schedule(cfg.lr, end, span)
+    tail = optax.linear_schedule(cfg.lr, cfg.lr * end_factor, span)
   if not warmup:
     return tail
   return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), tail], [warmup])
