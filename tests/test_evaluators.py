@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from emd_jax.data import digits_tfds, pipeline
-from emd_jax.evaluators import digits_classifier, frechet, grids, inception, precision_recall
+from emd_jax.evaluators import digits_classifier, diversity, frechet, grids, inception, precision_recall
 
 
 def _random_spd(rng, d):
@@ -258,3 +258,39 @@ def test_grids(tmp_path):
     back = np.asarray(im)
   assert back.shape == (2 * grid.shape[0], 2 * grid.shape[1], 3)
   np.testing.assert_array_equal(back[::2, ::2], grid)
+
+
+# ----------------------------------------------------------------------------
+# Pixel-space diversity figures and KID.
+
+
+def test_kid_is_unbiased_and_matches_a_direct_sum():
+  rng = np.random.default_rng(0)
+  a, b = rng.standard_normal((300, 5)), rng.standard_normal((200, 5))
+  # Independent computation: explicit double loops over pairs, diagonal excluded.
+  k = lambda x, y: (x @ y / 5 + 1.0) ** 3  # noqa: E731
+  kaa = np.mean([k(a[i], a[j]) for i in range(300) for j in range(300) if i != j])
+  kbb = np.mean([k(b[i], b[j]) for i in range(200) for j in range(200) if i != j])
+  kab = np.mean([k(x, y) for x in a for y in b])
+  assert diversity.kid(a, b) == pytest.approx(kaa + kbb - 2 * kab, rel=1e-9)
+  # Same distribution: the estimate averages to zero (unbiased); a shifted one is clearly positive.
+  same = [diversity.kid(rng.standard_normal((100, 5)), rng.standard_normal((100, 5))) for _ in range(200)]
+  assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(200)
+  assert diversity.kid(a, b + 0.5) > 10 * np.std(same)
+
+
+def test_pixel_metrics_see_lost_variance_that_the_mean_keeps():
+  x, _ = digits_classifier.digits_images("train")
+  pca = diversity.PixelPCA(diversity.digit_pixels(x))
+  real = diversity.pixel_metrics(x, pca)
+  assert real["fd_pixel"] < 1e-9 and real["pixel_std_ratio_real"] == pytest.approx(1.0)
+  assert real["mean_image_dist"] < 1e-9
+  # Shrink every image halfway towards the mean image: same mean, half the per-pixel std.
+  mean = x.mean(axis=0, keepdims=True)
+  shrunk = diversity.pixel_metrics(mean + 0.5 * (x - mean), pca)
+  assert shrunk["pixel_std_ratio_real"] == pytest.approx(0.5, rel=1e-6)
+  assert shrunk["mean_image_dist"] < 1e-5  # float32 images
+  assert shrunk["fd_pixel"] > 0.1 and shrunk["kid_pixel"] > 0.01
+  # FD in the PCA space equals the closed form for a scaled copy: (1 - s)^2 tr(S_k).
+  s_k = np.cov(pca.real_features, rowvar=False)
+  assert shrunk["fd_pixel"] == pytest.approx(0.25 * np.trace(s_k), rel=1e-6)

@@ -71,6 +71,26 @@ def test_exact_samples_score_perfectly(default_gmm):
   assert m["gmm/mode_mass_tv"] < 0.02 and m["gmm/inside_fraction"] > 0.999
   assert 0.97 < m["gmm/spread_ratio"] < 1.03
   assert m["gmm/sliced_wasserstein"] < 0.02
+  # 2-D isotropic: P(r > 3.7 std) = exp(-3.7^2 / 2) = 0.00106; the basin holds all but ~e^-29.
+  assert abs(m["gmm/off_mode_fraction"] - np.exp(-(3.7**2) / 2)) < 0.001
+  assert 0.97 < m["gmm/basin_spread_ratio"] < 1.03
+
+
+def test_off_mode_and_basin_spread_see_a_tail(default_gmm):
+  """A sharp core plus a tail between modes: the core spread is low, the basin spread high."""
+  p = jax.device_get(default_gmm.params)
+  rng = np.random.default_rng(0)
+  means = np.asarray(p["means"])
+  core = means[0] + 0.025 * rng.standard_normal((7500, 2))  # a half-width core at mode 0
+  # 20% of the points on the bridge from mode 0 towards mode 1, 5-7.5 std from mode 0 (inside its basin).
+  t = rng.uniform(0.25, 0.375, size=(2500, 1))
+  bridge = means[0] + t * (means[1] - means[0]) / np.linalg.norm(means[1] - means[0])
+  m = gmm_metrics(np.concatenate([core, bridge]), p)
+  assert abs(m["gmm/off_mode_fraction"] - 0.25) < 0.01
+  assert m["gmm/spread_ratio"] < 0.6  # the 4-std core alone: about 0.5
+  # basin: sqrt(0.75 * 0.25 + 0.25 * E[r^2] / 2) with r = t / 0.05 in [5, 7.5]
+  r2 = ((0.25 / 0.05) ** 2 + (0.25 / 0.05) * (0.375 / 0.05) + (0.375 / 0.05) ** 2) / 3
+  assert abs(m["gmm/basin_spread_ratio"] - np.sqrt(0.75 * 0.25 + 0.25 * r2 / 2)) < 0.05
 
 
 def test_bad_teacher_fields_raise_clear_errors():

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from emd_jax.evaluators import digits_classifier, precision_recall
+from emd_jax.evaluators import digits_classifier, diversity, precision_recall
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,9 +107,11 @@ def evaluate_images(
   `layout` says how the digits were brought to R ('pad' or 'resize', as the
   data config's `preprocess`). `labels` (`[N]` ints or `[N, 10]` one-hot), if
   given, are the conditioning labels, and `label_accuracy` is reported.
-  Returns fd, fd_real_split (a floor: FD between the test and train digits),
-  precision, recall, coverage, class_tv, class_hist, mean_confidence,
-  [label_accuracy], num_samples.
+  Returns, in the classifier's feature space: fd, fd_real_split (a floor: FD
+  between the test and train digits), kid, precision, recall, coverage,
+  class_tv, class_hist, mean_confidence, [label_accuracy]; in pixel space
+  (`diversity.pixel_metrics`, independent of the classifier): fd_pixel,
+  kid_pixel, pixel_std, pixel_std_ratio_real, mean_image_dist; and num_samples.
   """
   images = np.asarray(images, np.float32)
   resolution = images.shape[1]
@@ -120,9 +122,11 @@ def evaluate_images(
   out: dict[str, Any] = {
     "fd": frechet_distance_features(feats, ref_feats),
     "fd_real_split": _real_split_fd(layout, resolution),
+    "kid": diversity.kid(feats, ref_feats),
     "num_samples": len(images),
   }
   out.update(precision_recall.precision_recall(ref_feats, feats, k=k))
+  out.update(diversity.pixel_metrics(np.asarray(x), diversity.real_pixel_pca(reference_split, layout, resolution)))
   out.update(class_coverage(logits, digits_classifier.NUM_CLASSES, coverage_threshold))
   if labels is not None:
     labels = np.asarray(labels)

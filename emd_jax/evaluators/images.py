@@ -16,7 +16,17 @@ import numpy as np
 from emd_jax.evaluators import frechet, grids
 
 # Scalars shown on the console; everything else goes to TensorBoard under "*_detail/".
-_HEADLINE = ("fd", "fd_real_split", "precision", "recall", "coverage", "class_tv", "mean_confidence", "label_accuracy")
+_HEADLINE = (
+  "fd",
+  "fd_pixel",
+  "kid",
+  "precision",
+  "recall",
+  "pixel_std_ratio_real",
+  "coverage",
+  "class_tv",
+  "label_accuracy",
+)
 
 
 def score_images(images: np.ndarray, labels: np.ndarray | None = None, evaluator: str = "digits", **kwargs) -> dict:
