@@ -75,6 +75,7 @@ def distill_config() -> ml_collections.ConfigDict:
   c.fake.decay = "none"  # or "cosine" / "linear": from lr after warm-up to lr * end_factor at total_steps
   c.fake.end_factor = 0.0
   c.fake.steps_per_gen_step = 1
+  c.fake.loop = "auto"  # several fake updates: "auto" (unrolled up to 8, else a scan), "unroll", "scan"
   c.fake.noise = noise(-1.2, 1.2)
 
   c.estep = ml_collections.ConfigDict()

@@ -128,6 +128,8 @@ def validate_distill(config) -> None:
   _require(config.generator.sigma_init > 0, "generator.sigma_init", f"must be > 0, got {config.generator.sigma_init}")
   _require(0 <= config.generator.ema_decay < 1, "generator.ema_decay", "must be in [0, 1)")
   _require(config.fake.steps_per_gen_step >= 1, "fake.steps_per_gen_step", "must be >= 1")
+  loop = config.fake.get("loop", "auto")
+  _require(loop in ("auto", "unroll", "scan"), "fake.loop", f"must be 'auto', 'unroll' or 'scan', got {loop!r}")
   _check_optimizer(config.generator, "generator")
   _check_optimizer(config.fake, "fake")
   _check_noise(config.fake.noise, "fake.noise")

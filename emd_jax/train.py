@@ -93,6 +93,7 @@ def build_setup(config, teacher: Teacher | None = None) -> Setup:
     gamma_z_scaling=config.estep.gamma_z_scaling,
     noise_cancellation=config.estep.noise_cancellation,
     fake_steps=config.fake.steps_per_gen_step,
+    fake_loop=config.fake.get("loop", "auto"),
     ema_decay=config.generator.ema_decay,
     ema_debias=config.generator.get("ema_debias", False),
     grad_accum_steps=config.get("grad_accum_steps", 1),

@@ -219,9 +219,15 @@ def test_config_errors_are_clear_and_stop_before_compute(tmp_path, args, message
 
 
 def test_several_fake_updates_per_generator_step(tmp_path):
-  """fake.steps_per_gen_step > 1 takes the scanned fake update (1 calls it directly): it trains and differs."""
+  """fake.steps_per_gen_step > 1: the trace-time loop (the CPU-fast default) and the scan compute the
+  same updates; both train and differ from one update per step."""
   one = train.train_and_evaluate(tiny(total_steps=3), str(tmp_path / "one"))["state"]
-  two = train.train_and_evaluate(tiny(total_steps=3, **{"fake.steps_per_gen_step": 2}), str(tmp_path / "two"))["state"]
+  two = train.train_and_evaluate(tiny(total_steps=3, **{"fake.steps_per_gen_step": 3}), str(tmp_path / "two"))["state"]
+  scan = train.train_and_evaluate(
+    tiny(total_steps=3, **{"fake.steps_per_gen_step": 3, "fake.loop": "scan"}), str(tmp_path / "scan")
+  )["state"]
   assert int(two.step) == 3 and int(two.nonfinite_count) == 0
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(two.fake_params))
   assert not _leaves_equal(one.fake_params, two.fake_params)
+  chex.assert_trees_all_close(two.fake_params, scan.fake_params, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(two.gen_params, scan.gen_params, rtol=1e-5, atol=1e-6)

@@ -34,6 +34,11 @@ from emd_jax.distill.state import DistillState
 
 Array = jax.Array
 
+# Up to this many fake updates per generator step are unrolled at trace time under
+# `fake_loop="auto"`: inside a `lax.scan` (even `unroll=True`) XLA:CPU emitted the fake denoiser's
+# weight-gradient convolutions as naive loops, a 3-4x slower step on CPU (docs/scaling.md).
+FAKE_UNROLL_MAX = 8
+
 REMAT_POLICIES = {
   "none": None,
   "full": jax.checkpoint_policies.nothing_saveable,
@@ -60,6 +65,9 @@ class StepConfig:
   gamma_z_scaling: str = "constant"  # or "sigma2": per-example gamma_z * sigma^2
   noise_cancellation: bool = True
   fake_steps: int = 1
+  # How several fake updates per generator step are traced: "auto" unrolls up to FAKE_UNROLL_MAX
+  # of them at trace time and scans longer runs; "unroll" / "scan" force one form.
+  fake_loop: str = "auto"
   ema_decay: float = 0.999
   ema_debias: bool = False  # weights d^(n-k) over accepted updates k = 1..n only (no initial weights)
   grad_accum_steps: int = 1
@@ -68,6 +76,8 @@ class StepConfig:
   def __post_init__(self):
     if self.gamma_z_scaling not in ("constant", "sigma2"):
       raise ValueError(f"estep.gamma_z_scaling must be 'constant' or 'sigma2', got {self.gamma_z_scaling!r}")
+    if self.fake_loop not in ("auto", "unroll", "scan"):
+      raise ValueError(f"fake.loop must be 'auto', 'unroll' or 'scan', got {self.fake_loop!r}")
     if self.fake_steps < 1:
       raise ValueError(f"fake.steps_per_gen_step must be >= 1, got {self.fake_steps}")
     if self.loss.name == "emd" and self.estep_steps < 1:
@@ -229,12 +239,13 @@ def make_train_step(
     if accum == 1:
       x0, gen_vjp = jax.vjp(lambda p: gen_apply(p, d.z, d.labels), state.gen_params)
 
-    # 2. Fake-denoiser updates on generator samples.
+    # 2. Fake-denoiser updates on generator samples. Update s trains on g(fake_z[s]); the first
+    # one reuses the M-step's generator pass x0 (fake_z[0] is z) when it is at hand.
     def fake_body(carry, s):
       params, opt_state = carry
 
       def one(part):
-        if accum == 1 and cfg.fake_steps == 1:
+        if accum == 1 and isinstance(s, int) and s == 0:
           x = x0
         else:
           x = gen_apply(state.gen_params, part.fake_z[s], part.labels)
@@ -249,12 +260,15 @@ def make_train_step(
       return (params, opt_state), (loss, optax.global_norm(grads), ok)
 
     carry = (state.fake_params, state.fake_opt_state)
-    if cfg.fake_steps == 1:
-      # Not a length-1 scan: inside a scan (even `unroll=True`) XLA:CPU emitted the fake
-      # denoiser's weight-gradient convolutions as naive loops rather than library calls, a
-      # 3x slower step on CPU (benchmarks/step_overhead.py); called directly they are not.
-      (fake_params, fake_opt_state), outs = fake_body(carry, 0)
-      f_loss, f_gnorm, f_ok = jax.tree.map(lambda v: v[None], outs)
+    unroll = cfg.fake_loop == "unroll" or (cfg.fake_loop == "auto" and cfg.fake_steps <= FAKE_UNROLL_MAX)
+    if unroll:
+      # A trace-time loop, not a scan (see FAKE_UNROLL_MAX): the same updates in the same order.
+      outs = []
+      for s in range(cfg.fake_steps):
+        carry, out = fake_body(carry, s)
+        outs.append(out)
+      (fake_params, fake_opt_state) = carry
+      f_loss, f_gnorm, f_ok = (jnp.stack(v) for v in zip(*outs, strict=True))
     else:
       (fake_params, fake_opt_state), (f_loss, f_gnorm, f_ok) = jax.lax.scan(
         fake_body, carry, jnp.arange(cfg.fake_steps)
