@@ -183,3 +183,40 @@ def test_unknown_names_raise():
     LossSpec("sim", "cosine")
   with pytest.raises(ValueError, match="even"):
     distances.direction("power", jnp.ones((1, 2)), power=3)
+
+
+def test_emd_simloss_k1_is_sim_at_one_langevin_step(problem):
+  """SIM's loss at E-step samples, K = 1: SIM's gradient (written out here) at the noise of one
+  hand-computed Langevin step eps_1 = (1 - g) eps_0 + g d(eps_0) + sqrt(2 g) n."""
+  gamma, c = 0.3, 0.03 * np.sqrt(D)
+  pb = problem
+  est = _estep_k1(pb, gamma)
+  a, s = pb["alpha"][:, None], pb["sigma"][:, None]
+  x0 = pb["apply"](pb["gen_p"], pb["z"], jnp.full((B,), 2.5))
+  # The step by hand: the drift from both denoisers at the start, the injected noise recovered
+  # from the tracked noise N_1 = (1 - g) eps_0 + sqrt(2 g) n.
+  x_t0 = a * x0 + s * pb["eps"]
+  d0 = (a / s) * (
+    denoise_xt(pb["teacher"], x_t0, pb["alpha"], pb["sigma"]) - denoise_xt(pb["fake"], x_t0, pb["alpha"], pb["sigma"])
+  )
+  n = (est.noise - (1 - gamma) * pb["eps"]) / np.sqrt(2 * gamma)
+  assert abs(float(jnp.std(n)) - 1.0) < 0.3  # the recovered kick is unit Gaussian noise
+  eps1 = (1 - gamma) * pb["eps"] + gamma * d0 + np.sqrt(2 * gamma) * n
+  np.testing.assert_allclose(est.eps, eps1, rtol=1e-5, atol=1e-6)
+
+  def sim_by_hand(p):
+    x = pb["apply"](p, pb["z"], jnp.full((B,), 2.5))
+    xt = a * x + s * eps1
+    d_f = pb["fake"](xt / a, pb["sigma"] / pb["alpha"])
+    d_t = pb["teacher"](xt / a, pb["sigma"] / pb["alpha"])
+    y = d_f - d_t
+    direction = y / jnp.sqrt(jnp.sum(y**2, axis=-1, keepdims=True) + c**2)
+    return jnp.mean(-jnp.sum(direction * (d_f - x), axis=-1))
+
+  expected = _flat(jax.grad(sim_by_hand)(pb["gen_p"]))
+  got = _flat(_grad(pb, LossSpec("sim", "pseudo_huber", huber_c=0.03), est, gamma, 1, eps=est.eps))
+  assert float(jnp.linalg.norm(expected)) > 1e-4
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6 * float(jnp.abs(expected).max()))
+  # The chain moved the noise: SIM at the drawn eps_0 is a different gradient.
+  at_eps0 = _flat(_grad(pb, LossSpec("sim", "pseudo_huber", huber_c=0.03)))
+  assert float(jnp.linalg.norm(at_eps0 - got)) > 1e-3 * float(jnp.linalg.norm(got))
