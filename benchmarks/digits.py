@@ -160,7 +160,9 @@ def main() -> None:
   teacher_fn = lambda r: sample_teacher(teacher, r, args.num_samples, num_steps=18, batch_size=500)[0]
   set_keys = [jax.random.fold_in(rng, i) for i in range(args.latent_sets)]
   scores, x_t = score_sets(teacher_fn, set_keys)
-  row = with_display({"model": "teacher (Heun 18 steps)", "nfe": 35, **scores, "sample_seconds": time.perf_counter() - t0})
+  row = with_display(
+    {"model": "teacher (Heun 18 steps)", "nfe": 35, **scores, "sample_seconds": time.perf_counter() - t0}
+  )
   grids.save_png(f"{args.out}_teacher.png", grids.image_grid(x_t[:100]), scale=3)
   rows = [row]
   print(json.dumps(row), flush=True)
@@ -181,7 +183,7 @@ def main() -> None:
     train_lib.train_and_evaluate(config, workdir)
     seconds = time.perf_counter() - t0
     sampler = load_sampler(os.path.join(workdir, "export"))
-    scores, x = score_sets(lambda r: sampler.sample(r, args.num_samples, batch_size=500), set_keys)
+    scores, x = score_sets(lambda r, s=sampler: s.sample(r, args.num_samples, batch_size=500), set_keys)
     r = {"model": f"{method} (one step)", "nfe": 1, "steps": args.steps, "train_seconds": seconds, **scores}
     r = compare(r, row)
     grids.save_png(f"{args.out}_{method}.png", grids.image_grid(x[:100]), scale=3)

@@ -207,7 +207,7 @@ def main() -> None:
     for which, params in (("ema", state.gen_ema), ("raw", None if args.no_raw else state.gen_params)):
       if params is None:
         continue
-      fn = lambda k, p=params: train_lib._image_samples(config, setup, p, k, args.num_samples)[0]  # noqa: E731
+      fn = lambda k, p=params, c=config, su=setup: train_lib._image_samples(c, su, p, k, args.num_samples)[0]  # noqa: E731
       scores, _ = score_sets(fn, keys)
       row[which] = compare(scores, teacher)
     print(json.dumps({k: v for k, v in row.items() if k != "trajectory"}), flush=True)

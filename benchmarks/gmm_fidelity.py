@@ -22,15 +22,14 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.digits_sweep import apply_overrides  # noqa: E402
+from benchmarks.gmm_methods import score_sets  # noqa: E402
 from configs.gmm import get_config  # noqa: E402
 from emd_jax import train as train_lib  # noqa: E402
-from emd_jax.evaluators.gmm import gmm_metrics  # noqa: E402
 from emd_jax.sample import sample_teacher  # noqa: E402
 from emd_jax.teachers import gmm  # noqa: E402
 
@@ -41,19 +40,6 @@ FIGURES = (
   ("mode-mass TV", "mode_mass_tv", "{:.4f}"),
   ("SW-1", "sliced_wasserstein", "{:.4f}"),
 )
-
-
-def score_sets(sample_fn, n_sets: int, params: dict) -> dict:
-  """Mean and std over `n_sets` sample sets of every exact figure (no `gmm/` prefix)."""
-  sets = []
-  for i in range(n_sets):
-    m = gmm_metrics(np.asarray(sample_fn(jax.random.PRNGKey(1000 + i))), params, seed=i)
-    sets.append({k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("gmm/")})
-  out = {}
-  for k in sets[0]:
-    vals = [float(s[k]) for s in sets]
-    out[k], out[f"{k}_std"] = float(np.mean(vals)), float(np.std(vals))
-  return out
 
 
 def cell(row: dict, key: str, fmt: str) -> str:
@@ -109,7 +95,10 @@ def main() -> None:
   params = jax.device_get(teacher.params)
   n, sets = args.num_samples, args.sample_sets
   refs = [
-    {"name": "teacher Heun-18 (35 NFE)", **score_sets(lambda k: sample_teacher(teacher, k, n, num_steps=18)[0], sets, params)},
+    {
+      "name": "teacher Heun-18 (35 NFE)",
+      **score_sets(lambda k: sample_teacher(teacher, k, n, num_steps=18)[0], sets, params),
+    },
     {"name": "exact samples (floor)", **score_sets(lambda k: gmm.sample(teacher.params, k, n)[0], sets, params)},
   ]
   done = []
@@ -132,7 +121,9 @@ def main() -> None:
 
     def recording(cfg, setup, p, rng, step=None, workdir=None, _orig=original, _traj=trajectory):
       scalars, images = _orig(cfg, setup, p, rng, step=step, workdir=workdir)
-      _traj.append({"step": int(step or 0), **{k.split("/", 1)[1]: float(v) for k, v in scalars.items() if k.startswith("gmm/")}})
+      _traj.append(
+        {"step": int(step or 0), **{k.split("/", 1)[1]: float(v) for k, v in scalars.items() if k.startswith("gmm/")}}
+      )
       return scalars, images
 
     train_lib.evaluate = recording
@@ -144,9 +135,18 @@ def main() -> None:
       train_lib.evaluate = original
     state = result["state"]
     setup = train_lib.build_setup(config)
-    row = {"name": name, "overrides": overrides, "steps": config.total_steps, "seconds": seconds, "trajectory": trajectory}
+    row = {
+      "name": name,
+      "overrides": overrides,
+      "steps": config.total_steps,
+      "seconds": seconds,
+      "trajectory": trajectory,
+    }
     for which, p in (("ema", state.gen_ema), ("raw", state.gen_params)):
-      fn = lambda k, p=p: train_lib._generate(setup, p, setup.step_cfg.sigma_init * jax.random.normal(k, (n, *setup.teacher.data_shape)))  # noqa: E731
+
+      def fn(k, p=p, su=setup):
+        return train_lib._generate(su, p, su.step_cfg.sigma_init * jax.random.normal(k, (n, *su.teacher.data_shape)))
+
       row[which] = score_sets(fn, sets, params)
     print(json.dumps({k: v for k, v in row.items() if k != "trajectory"}), flush=True)
     done.append(row)

@@ -60,9 +60,11 @@ COLUMNS = (
   ("steps/s", "steps_per_sec", "{:.1f}"),
   ("probe steps/s", "probe_steps_per_sec", "{:.1f}"),
   ("mode-mass TV", "mode_mass_tv", "{:.4f}"),
-  ("dropped", "dropped_modes", "{}"),
+  ("dropped", "dropped_modes", "{:g}"),
+  ("off-mode", "off_mode_fraction", "{:.4f}"),
+  ("basin spread", "basin_spread_ratio", "{:.3f}"),
   ("inside", "inside_fraction", "{:.3f}"),
-  ("spread", "spread_ratio", "{:.3f}"),
+  ("core spread", "spread_ratio", "{:.3f}"),
   ("SW-1", "sliced_wasserstein", "{:.4f}"),
   ("log p", "mean_log_prob", "{:.3f}"),
   ("skipped", "nonfinite_steps", "{}"),
@@ -121,6 +123,24 @@ def score(samples: np.ndarray, teacher_params: dict, seed: int) -> dict:
   return out
 
 
+def score_sets(sample_fn, n_sets: int, teacher_params: dict, seed: int = 0) -> dict:
+  """Every exact figure as the mean over `n_sets` sample sets, with `<key>_std` beside it.
+
+  `sample_fn(key)` draws one set; set i uses key `PRNGKey(1000 + seed + i)`. The per-mode
+  masses are those of the first set.
+  """
+  sets = [
+    score(np.asarray(sample_fn(jax.random.PRNGKey(1000 + seed + i))), teacher_params, seed + i) for i in range(n_sets)
+  ]
+  out = {"mode_mass": sets[0]["mode_mass"], "sample_sets": n_sets}
+  for k in sets[0]:
+    if k == "mode_mass":
+      continue
+    vals = [float(s[k]) for s in sets]
+    out[k], out[f"{k}_std"] = float(np.mean(vals)), float(np.std(vals))
+  return out
+
+
 def train_method(config, workdir: str) -> tuple[dict, float]:
   """Runs `train_and_evaluate`; returns its result and the realised steps/s.
 
@@ -153,22 +173,22 @@ class _Tee(io.TextIOBase):
       st.flush()
 
 
-def reference_rows(config, num: int, seed: int) -> list[dict]:
+def reference_rows(config, num: int, seed: int, n_sets: int = 1) -> list[dict]:
   """Teacher Heun (18 steps, 35 NFE) and exact samples: the rows to beat."""
   teacher = train_lib.teachers.from_config(config.teacher)
   params = jax.device_get(teacher.params)
   rows = []
   t0 = time.perf_counter()
-  heun, _ = sample_teacher(teacher, jax.random.PRNGKey(seed + 1), num, num_steps=18)
+  heun = lambda k: sample_teacher(teacher, k, num, num_steps=18)[0]  # noqa: E731
   rows.append(
     {
       "method": "teacher Heun-18 (35 NFE)",
-      **score(heun, params, seed),
+      **score_sets(heun, n_sets, params, seed),
       "seconds": time.perf_counter() - t0,
     }
   )
-  exact, _ = gmm.sample(teacher.params, jax.random.PRNGKey(seed + 2), num)
-  rows.append({"method": "exact samples (floor)", **score(np.asarray(exact), params, seed)})
+  exact = lambda k: gmm.sample(teacher.params, k, num)[0]  # noqa: E731
+  rows.append({"method": "exact samples (floor)", **score_sets(exact, n_sets, params, seed)})
   return rows
 
 
@@ -178,7 +198,7 @@ def run_benchmark(args) -> dict:
   if unknown:
     raise SystemExit(f"--methods: unknown {unknown}; known: {sorted(PRESETS)}")
   base = method_config(methods[0], args.seed, args.config)
-  rows = reference_rows(base, args.num_samples, args.seed)
+  rows = reference_rows(base, args.num_samples, args.seed, args.sample_sets)
   teacher_params = jax.device_get(train_lib.teachers.from_config(base.teacher).params)
   result = {
     "rows": rows,
@@ -188,6 +208,7 @@ def run_benchmark(args) -> dict:
       "seconds": None if args.steps else args.seconds,
       "steps": args.steps or None,
       "num_samples": args.num_samples,
+      "sample_sets": args.sample_sets,
       "config_arg": args.config,
       "config": base.to_dict(),
       "presets": {m: list(PRESETS[m][:4]) for m in methods},
@@ -232,7 +253,6 @@ def run_benchmark(args) -> dict:
       continue
     wall = time.perf_counter() - t0
     sampler = load_sampler(os.path.join(workdir, "export"))
-    x = sampler.sample(jax.random.PRNGKey(args.seed), args.num_samples)
     state = trained["state"]
     row = {
       "method": method,
@@ -241,7 +261,7 @@ def run_benchmark(args) -> dict:
       "probe_steps_per_sec": rate,
       "wall_seconds": wall,
       "nonfinite_steps": int(state.nonfinite_count),
-      **score(np.asarray(x), teacher_params, args.seed),
+      **score_sets(lambda k, s=sampler: s.sample(k, args.num_samples), args.sample_sets, teacher_params, args.seed),
     }
     print(f"[gmm_methods] {json.dumps(row)}", flush=True)
     rows.append(row)
@@ -256,7 +276,8 @@ def markdown(result: dict) -> str:
     "# GMM benchmark: every method, same budget",
     "",
     f"Default `configs/gmm.py`, seed {s['seed']}, {budget}, "
-    f"{s['num_samples']} samples per row, {s['cpu_count']} CPUs ({s['date']}).",
+    f"{s.get('sample_sets', 1)} sets of {s['num_samples']} samples per row (mean +- std over the sets), "
+    f"{s['cpu_count']} CPUs ({s['date']}).",
     "",
     "| " + " | ".join(c[0] for c in COLUMNS) + " |",
     "|" + "---|" * len(COLUMNS),
@@ -265,15 +286,20 @@ def markdown(result: dict) -> str:
     cells = []
     for _, key, fmt in COLUMNS:
       v = row.get(key)
-      cells.append("" if v is None else fmt.format(v))
+      cell = "" if v is None else fmt.format(v)
+      if v is not None and row.get(f"{key}_std") and s.get("sample_sets", 1) > 1:
+        cell += " +- " + fmt.format(row[f"{key}_std"])
+      cells.append(cell)
     if "error" in row:
       cells[4] = f"failed: {row['error'][:80]}"
     lines.append("| " + " | ".join(cells) + " |")
   lines += [
     "",
     "TV: total variation of nearest-mode masses vs the true weights; dropped: modes "
-    "under 10% of their weight; inside: fraction within 4 std of a mean; spread: in-mode "
-    "RMS distance / true std (1 is exact); SW-1: sliced Wasserstein to exact samples; "
+    "under 10% of their weight; off-mode: fraction farther than 3.7 std from every mean "
+    "(exact samples: 0.001); basin spread: RMS distance to the nearest mean over its whole basin "
+    "(half the distance to the next mode) / true std; inside: fraction within 4 std of a mean; core "
+    "spread: the same RMS within 4 std (1 is exact); SW-1: sliced Wasserstein to exact samples; "
     "log p: mean exact teacher log-density; skipped: non-finite steps. "
     "steps/s: realised in the training loop (shared CPUs: compare within a run only).",
     "",
@@ -298,6 +324,7 @@ def main(argv=None) -> dict:
   p.add_argument("--steps", type=int, default=0, help="fixed step count (overrides --seconds)")
   p.add_argument("--probe_seconds", type=float, default=10.0)
   p.add_argument("--num_samples", type=int, default=20000)
+  p.add_argument("--sample_sets", type=int, default=3, help="independent sample sets per row (mean +- std)")
   p.add_argument("--workdir", default="runs/bench_gmm")
   p.add_argument("--out", default="benchmarks/results/gmm_methods")
   p.add_argument("--config", default="", help="configs/gmm.py variant ('' or 'tiny')")

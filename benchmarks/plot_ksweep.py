@@ -73,8 +73,13 @@ def plot(rows: list[dict], teacher_std: float, out: str, title: str) -> None:
     for i, m in enumerate(chained):
       pts = sorted((r for r in rows if r["method"] == m and r["k"] > 0), key=lambda r: r["k"])
       ax.errorbar(
-        [r["k"] for r in pts], [r[key] for r in pts], yerr=[err(r) for r in pts], marker="o", capsize=3,
-        color=colors[i % len(colors)], label=f"{m} (E-step K)",
+        [r["k"] for r in pts],
+        [r[key] for r in pts],
+        yerr=[err(r) for r in pts],
+        marker="o",
+        capsize=3,
+        color=colors[i % len(colors)],
+        label=f"{m} (E-step K)",
       )
     for j, m in enumerate(flat):
       for r in (r for r in rows if r["method"] == m):
