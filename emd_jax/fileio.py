@@ -185,8 +185,8 @@ def check_params(expected: Any, params: Any, where: str, dtype: str | None = Non
       continue
     if tuple(g.shape) != tuple(w.shape):
       problems.append(f"{k}: file {tuple(g.shape)}, spec {tuple(w.shape)}")
-    elif np.dtype(g.dtype) != np.dtype(dtype or w.dtype):
-      problems.append(f"{k}: dtype {np.dtype(g.dtype)}, spec {np.dtype(dtype or w.dtype)}")
+    elif str(g.dtype) != str(dtype or w.dtype):
+      problems.append(f"{k}: dtype {g.dtype}, spec {dtype or w.dtype}")
     elif finite and np.issubdtype(g.dtype, np.inexact) and not np.isfinite(np.asarray(g, np.float32)).all():
       problems.append(f"{k}: holds non-finite values")
   if problems:

@@ -95,9 +95,7 @@ def read_info(path: str) -> dict:
   fileio.check_shape_list(info["data_shape"], f"{spec_file}: data_shape")
   fileio.require_fields(info["net"], {"arch": str}, f"{spec_file}: net")
   if info["net"]["arch"] not in nets._BUILDERS:
-    raise UserInputError(
-      f"{spec_file}: unknown network arch {info['net']['arch']!r}; known: {sorted(nets._BUILDERS)}"
-    )
+    raise UserInputError(f"{spec_file}: unknown network arch {info['net']['arch']!r}; known: {sorted(nets._BUILDERS)}")
   optional = {"num_classes": int, "sigma_data": float}
   fileio.require_fields(info, {k: t for k, t in optional.items() if k in info}, spec_file)
   if info.get("num_classes", 0) < 0 or not info.get("sigma_data", 0.5) > 0:
