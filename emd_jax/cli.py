@@ -9,23 +9,45 @@ a checkpoint was saved and the run stopped) prints one line and exits with
 `PREEMPTED_EXIT_CODE` (75): rerun the same command to resume.
 
 `execute` is the same logic without `absl.app` (no `sys.exit`, any
-`FlagValues`): tests drive the whole command line in-process through it.
+`FlagValues`): tests drive the whole command line in-process through it;
+`run_argv` is it for commands that parse their own arguments (argparse).
+
+Every command takes `--debug` (or `EMD_JAX_DEBUG=1` in the environment): a user
+error then re-raises, so its traceback shows. Bad files are meant to be
+reported where they are read, as `errors.UserInputError` naming the file; the
+few reader exceptions that could still escape (`pickle.UnpicklingError`,
+`zipfile.BadZipFile`, `json.JSONDecodeError`) are reported the same way.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import pickle
 import sys
+import zipfile
 from collections.abc import Callable
 
 from absl import app, flags, logging
 
+from emd_jax.errors import UserError, one_line
 from emd_jax.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 USAGE_EXIT_CODE = 2
+DEBUG_FLAG = "--debug"
+# Reader exceptions that mean "a bad file", should one escape the validated readers.
+_BAD_FILE_ERRORS = (pickle.UnpicklingError, zipfile.BadZipFile, json.JSONDecodeError)
+_debug = False
+
+__all__ = ["UserError", "ArgumentParser", "execute", "run_app", "run_argv"]
 
 
-class UserError(Exception):
-  """An error to report as one line, without a traceback."""
+def _strip_debug(argv: list[str]) -> list[str]:
+  """`argv` without `--debug`; sets debug mode if it was there (or `EMD_JAX_DEBUG=1`)."""
+  global _debug
+  _debug = DEBUG_FLAG in argv[1:] or os.environ.get("EMD_JAX_DEBUG", "") not in ("", "0")
+  return [argv[0], *[a for a in argv[1:] if a != DEBUG_FLAG]] if argv else argv
 
 
 class _Exit(Exception):  # noqa: N818
@@ -39,9 +61,7 @@ def _die(message: str) -> None:
   raise _Exit(USAGE_EXIT_CODE)
 
 
-def _one_line(e: BaseException) -> str:
-  text = " ".join(str(e).split()) or type(e).__name__
-  return text if len(text) <= 500 else text[:500] + " ..."
+_one_line = one_line
 
 
 def _parse(argv: list[str], flag_values: flags.FlagValues) -> list[str]:
@@ -75,7 +95,13 @@ def _call(main: Callable[[list[str]], None], argv: list[str], user_errors: tuple
   except app.UsageError as e:
     _die(_one_line(e))
   except (UserError, FileNotFoundError, *user_errors) as e:
+    if _debug:
+      raise
     _die(_one_line(e))
+  except _BAD_FILE_ERRORS as e:
+    if _debug:
+      raise
+    _die(f"{type(e).__name__}: {_one_line(e)}")
   return 0
 
 
@@ -87,7 +113,7 @@ def execute(
 ) -> int:
   """Parses `argv` (argv[0] is the program name) into `flag_values`, runs `main`; returns the exit code."""
   try:
-    rest = _parse(argv, flag_values)
+    rest = _parse(_strip_debug(argv), flag_values)
     return _call(main, rest, user_errors)
   except _Exit as e:
     return e.code
@@ -98,7 +124,7 @@ def run_app(main: Callable[[list[str]], None], user_errors: tuple[type[BaseExcep
 
   def parse(argv):
     try:
-      return _parse(argv, flags.FLAGS)
+      return _parse(_strip_debug(argv), flags.FLAGS)
     except _Exit as e:
       sys.exit(e.code)
 
@@ -112,3 +138,26 @@ def run_app(main: Callable[[list[str]], None], user_errors: tuple[type[BaseExcep
     sys.exit(code)
 
   app.run(wrapped, flags_parser=parse)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """`argparse.ArgumentParser` whose usage errors are `UserError`s (one line, exit status 2)."""
+
+  def error(self, message: str):
+    raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def run_argv(
+  main: Callable[[list[str]], None],
+  argv: list[str] | None = None,
+  user_errors: tuple[type[BaseException], ...] = (),
+) -> int:
+  """Runs `main(argv[1:])` (a command that parses its own arguments); returns the exit code.
+
+  `argv` includes the program name (default: `sys.argv`). Use as `sys.exit(run_argv(main))`.
+  """
+  argv = _strip_debug(list(sys.argv if argv is None else argv))
+  try:
+    return _call(lambda rest: main(rest[1:]), argv, user_errors)
+  except _Exit as e:
+    return e.code

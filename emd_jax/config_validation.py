@@ -10,9 +10,10 @@ from __future__ import annotations
 from emd_jax.distill import methods
 from emd_jax.distill.distances import DISTANCES
 from emd_jax.distill.losses import LOSSES, WEIGHTS
+from emd_jax.errors import UserInputError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
   """A config field has a bad value; the message starts with the field name."""
 
   def __init__(self, field: str, message: str):
@@ -196,53 +197,15 @@ _MAX_CHECKED_PARAMS_BYTES = 1 << 30  # larger teachers are checked when they are
 
 
 def _check_teacher_checkpoint(path: str) -> None:
-  """teacher.json parses and names a known net whose parameter shapes match params.msgpack."""
-  import json
+  """teacher.json parses and names a known net whose parameters match params.msgpack (`network.read_params`)."""
   import os
 
-  import jax
-  import jax.numpy as jnp
-  from flax import serialization
-
-  from emd_jax import nets
+  from emd_jax.errors import UserInputError
   from emd_jax.teachers import network
 
   try:
     info = network.read_info(path)
-    spec, data_shape = info["net"], tuple(info["data_shape"])
-  except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-    raise ConfigError("teacher.checkpoint", f"{path}/teacher.json is unusable: {type(e).__name__}: {e}") from e
-  _require(
-    spec.get("arch") in nets._BUILDERS,
-    "teacher.checkpoint",
-    f"{path}/teacher.json: unknown network arch {spec.get('arch')!r}; known: {sorted(nets._BUILDERS)}",
-  )
-  params_file = os.path.join(path, network.PARAMS_FILE)
-  if os.path.getsize(params_file) > _MAX_CHECKED_PARAMS_BYTES:
-    return
-  try:
-    with open(params_file, "rb") as f:
-      params = serialization.msgpack_restore(f.read())
-  except Exception as e:  # noqa: BLE001  (msgpack raises several types on a damaged file)
-    raise ConfigError("teacher.checkpoint", f"{params_file} cannot be read: {type(e).__name__}: {e}") from e
-  labels = jnp.zeros((1, info.get("num_classes", 0))) if info.get("num_classes") else None
-  try:
-    module = nets.build(spec)
-    expected = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, *data_shape)), jnp.ones((1,)), labels)
-  except Exception as e:  # noqa: BLE001  (an unusual init signature: the load itself will check)
-    from absl import logging
-
-    logging.warning("teacher.checkpoint: parameter shapes not checked (%s: %s)", type(e).__name__, e)
-    return
-  want = {
-    jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(expected["params"])[0]
-  }
-  got = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  diff = [f"{k}: file {got.get(k, 'missing')}, net {want.get(k, 'absent')}" for k in sorted(set(want) | set(got))]
-  diff = [d for d, k in zip(diff, sorted(set(want) | set(got)), strict=True) if got.get(k) != want.get(k)]
-  _require(
-    not diff,
-    "teacher.checkpoint",
-    f"{params_file} does not match the net in teacher.json ({json.dumps(spec.get('arch'))}, data shape "
-    f"{list(data_shape)}): " + "; ".join(diff[:4]) + (" ..." if len(diff) > 4 else ""),
-  )
+    if os.path.getsize(os.path.join(path, network.PARAMS_FILE)) <= _MAX_CHECKED_PARAMS_BYTES:
+      network.read_params(path, info)
+  except UserInputError as e:
+    raise ConfigError("teacher.checkpoint", str(e)) from e

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from emd_jax import __version__, nets
+from emd_jax import __version__, fileio, nets
+from emd_jax.errors import UserInputError, one_line
 from emd_jax.fileio import publish_dir
 
 FORMAT_VERSION = 1
@@ -107,18 +108,52 @@ class Sampler:
     return jnp.concatenate(out, axis=0).astype(jnp.float32)
 
 
-def load_sampler(directory: str) -> Sampler:
-  """Loads an export directory into a `Sampler` (one call, no training code)."""
+def read_export(directory: str) -> tuple[dict, dict]:
+  """`(meta, params)` of an export directory, checked: the spec's fields and the params against its net.
+
+  Raises `UserInputError` naming the file: bad JSON, a missing or mistyped field, an unknown
+  architecture, params of another architecture (missing or extra leaves, shapes, dtypes), NaNs.
+  """
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"not a generator export: {directory} is not a directory")
   spec_path = os.path.join(directory, SPEC_FILE)
   params_path = os.path.join(directory, PARAMS_FILE)
   for p in (spec_path, params_path):
     if not os.path.exists(p):
       raise FileNotFoundError(f"not a generator export (missing {os.path.basename(p)}): {directory}")
-  with open(spec_path) as f:
-    meta = json.load(f)
-  if meta.get("format_version", 0) > FORMAT_VERSION:
-    raise ValueError(f"export format {meta['format_version']} is newer than this emd_jax ({FORMAT_VERSION})")
-  with open(params_path, "rb") as f:
-    params = serialization.msgpack_restore(f.read())
+  meta = fileio.read_json(spec_path, "generator spec")
+  version = meta.get("format_version", 0)
+  if not isinstance(version, int) or version > FORMAT_VERSION:
+    raise UserInputError(f"{spec_path}: export format {version!r} is newer than this emd_jax ({FORMAT_VERSION})")
+  if meta.get("kind", "one_step_generator") != "one_step_generator":
+    raise UserInputError(f"{spec_path}: kind {meta.get('kind')!r} is not 'one_step_generator'")
+  fileio.require_fields(meta, {"net": dict, "data_shape": list, "sigma_init": float}, spec_path)
+  fileio.require_fields(meta["net"], {"arch": str}, f"{spec_path}: net")
+  fileio.require_fields(meta, {k: t for k, t in (("num_classes", int), ("dtype", str)) if k in meta}, spec_path)
+  data_shape = fileio.check_shape_list(meta["data_shape"], f"{spec_path}: data_shape")
+  if not (np.isfinite(meta["sigma_init"]) and meta["sigma_init"] > 0):
+    raise UserInputError(f"{spec_path}: sigma_init must be a finite number > 0, got {meta['sigma_init']}")
+  dtype = meta.get("dtype", "float32")
+  if dtype not in ("float32", "bfloat16", "float16"):
+    raise UserInputError(f"{spec_path}: dtype must be float32, bfloat16 or float16, got {dtype!r}")
+  num_classes = meta.get("num_classes", 0)
+  if num_classes < 0:
+    raise UserInputError(f"{spec_path}: num_classes must be >= 0, got {num_classes}")
+  if meta["net"]["arch"] not in nets._BUILDERS:
+    raise UserInputError(f"{spec_path}: unknown network arch {meta['net']['arch']!r}; known: {sorted(nets._BUILDERS)}")
+  params = fileio.read_msgpack(params_path, "generator parameter file")
+  try:
+    expected = nets.abstract_params(meta["net"], data_shape, num_classes)
+  except Exception as e:  # noqa: BLE001  (a spec the network code rejects)
+    raise UserInputError(
+      f"{spec_path}: its net does not build for data shape {list(data_shape)} ({type(e).__name__}: {one_line(e, 200)})"
+    ) from e
+  fileio.check_params(expected, params, f"{params_path} (net {meta['net']['arch']!r} of {SPEC_FILE})", dtype)
+  return meta, params
+
+
+def load_sampler(directory: str) -> Sampler:
+  """Loads an export directory into a `Sampler` (one call, no training code), checked first (`read_export`)."""
+  meta, params = read_export(directory)
   params = jax.tree.map(jnp.asarray, params)
   return Sampler(meta, params)

@@ -29,11 +29,15 @@ def replay_step(config: ml_collections.ConfigDict, workdir: str, step: int) -> d
   from emd_jax import checkpoint as ckpt_lib
   from emd_jax import faults, parallel, train
   from emd_jax.distill.state import create_state
+  from emd_jax.errors import UserError
 
   config = ml_collections.ConfigDict(config)
   train.validate_distill(config)
-  if step < 1:
-    raise ValueError(f"--step: update numbers start at 1, got {step}")
+  if step is None or step < 1:
+    raise UserError(f"--step: update numbers start at 1, got {step}")
+  if not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir}: no such run directory")
+  ck_dir = os.path.join(workdir, "checkpoints")
   setup = train.build_setup(config)
   mesh = parallel.make_mesh(config.mesh)
   k_state, k_init, _ = jax.random.split(jax.random.PRNGKey(config.seed), 3)
@@ -42,14 +46,22 @@ def replay_step(config: ml_collections.ConfigDict, workdir: str, step: int) -> d
   teacher = jax.device_put(setup.teacher.params, teacher_sh)
   plan = faults.FaultPlan.from_config(config.get("debug"))
 
-  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  before = [s for s in ck.all_steps() if s < step]
+  ck = ckpt_lib.Checkpointer(ck_dir) if os.path.isdir(ck_dir) else None  # never creates the directory
+  before = [s for s in ck.all_steps() if s < step] if ck else []
   if before:
-    state, _ = ck.restore(before[-1], ckpt_lib.abstract_like(abstract, state_sh))
+    try:
+      state, _ = ck.restore(before[-1], ckpt_lib.abstract_like(abstract, state_sh))
+    except ckpt_lib.CorruptCheckpointError as e:
+      raise UserError(
+        f"--workdir {workdir}: checkpoint step {before[-1]} is unusable ({e}); nothing was changed"
+      ) from e
+    finally:
+      ck.close()
   else:
+    if ck:
+      ck.close()
     params = train.initial_student_params(config, setup, k_init)
     state = jax.device_put(create_state(k_state, params, setup.tx_gen, setup.tx_fake), state_sh)
-  ck.close()
   for n in range(int(state.step) + 1, step):
     state, _ = step_fn(state, faults.poisoned(teacher) if plan.poison_step(n) else teacher)
   inputs = jax.device_get(state)
@@ -63,24 +75,61 @@ def replay_step(config: ml_collections.ConfigDict, workdir: str, step: int) -> d
   }
 
 
-def main(argv: list[str]) -> None:
+def define_flags(fv=None, sys_argv: list[str] | None = None) -> dict:
+  """Defines the replay flags on `fv` (default: absl's global flags); returns their holders by name."""
   from absl import flags
+  from ml_collections import config_flags
 
-  out = replay_step(_CONFIG.value, flags.FLAGS.workdir, flags.FLAGS.step)
+  fv = flags.FLAGS if fv is None else fv
+  return {
+    "config": config_flags.DEFINE_config_file(
+      "config", None, "The run's config file.", lock_config=True, flag_values=fv, sys_argv=sys_argv
+    ),
+    "workdir": flags.DEFINE_string("workdir", None, "The run's directory.", flag_values=fv),
+    "step": flags.DEFINE_integer("step", None, "The update to replay (as logged).", flag_values=fv),
+  }
+
+
+def main(argv: list[str], holders: dict) -> None:
+  from emd_jax.errors import UserError
+
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  for name in ("config", "workdir", "step"):
+    if holders[name].value is None:
+      raise UserError(f"--{name} is required")
+  step = holders["step"].value
+  out = replay_step(holders["config"].value, holders["workdir"].value, step)
   origin = f"checkpoint {out['from_checkpoint']}" if out["from_checkpoint"] is not None else "initialisation"
-  print(f"update {flags.FLAGS.step} replayed from {origin}; key data {jax.random.key_data(out['key']).tolist()}")
+  print(f"update {step} replayed from {origin}; key data {jax.random.key_data(out['key']).tolist()}")
   for k, v in sorted(out["metrics"].items()):
     print(f"  {k} = {float(v):.6g}")
 
 
-if __name__ == "__main__":
-  from absl import flags
-  from ml_collections import config_flags
-
-  from emd_jax.cli import run_app
+def _user_errors() -> tuple[type[BaseException], ...]:
   from emd_jax.config_validation import ConfigError
 
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "The run's directory.", required=True)
-  flags.DEFINE_integer("step", None, "The update to replay (as logged).", required=True)
-  run_app(main, (ConfigError, ValueError))
+  return (ConfigError, ValueError)
+
+
+def run_in_process(argv: list[str]) -> int:
+  """The command line without a new process (tests): fresh flags, returns the exit code."""
+  from absl import flags
+
+  from emd_jax.cli import execute
+
+  argv = ["emd_jax.replay", *argv]
+  fv = flags.FlagValues()
+  holders = define_flags(fv, sys_argv=argv)
+  return execute(lambda rest: main(rest, holders), argv, fv, _user_errors())
+
+
+def entry() -> None:
+  from emd_jax.cli import run_app
+
+  holders = define_flags()
+  run_app(lambda argv: main(argv, holders), _user_errors())
+
+
+if __name__ == "__main__":
+  entry()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -32,42 +32,37 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from emd_jax import fileio
 from emd_jax.cli import UserError, run_app
 
 Array = jax.Array
 
-_SAMPLER = flags.DEFINE_string("sampler", None, "A UD2M sampler export directory (DIR/export).")
-_TASK = flags.DEFINE_string("task", None, "Restoration task: deblur, motion_deblur, inpaint, inpaint_box, sr.")
-_INPUT = flags.DEFINE_string("input", None, "npz with clean `images` (uint8 NHWC) or `samples` (float, [-1, 1]).")
-_OUT = flags.DEFINE_string("out", "restored.npz", "Output npz.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the measurement noise and of the sampler.")
-_BASELINE = flags.DEFINE_string("baseline", None, "Run a zero-shot baseline instead (see the module docstring).")
-_TEACHER = flags.DEFINE_string("teacher", "builtin:digits_uncond", "Teacher for --baseline without --sampler.")
-_SIGMA_Y = flags.DEFINE_float("sigma_y", None, "Measurement noise std ([-1, 1] units); default: the task's.")
-_SETTINGS = flags.DEFINE_string("settings", "", "Operator settings as JSON, e.g. '{\"std\": 1.5}' (no --sampler).")
-_NUM = flags.DEFINE_integer("num", 0, "Restore only the first NUM images (0: all).")
-_BATCH = flags.DEFINE_integer("batch_size", 256, "Images per batch.")
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> dict:
+  """Defines the restorer's flags on `fv`; returns their holders by name."""
+  d = lambda fn, name, default, help_: fn(name, default, help_, flag_values=fv)
+  s, i, f = flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float
+  return {
+    "sampler": d(s, "sampler", None, "A UD2M sampler export directory (DIR/export)."),
+    "task": d(s, "task", None, "Restoration task: deblur, motion_deblur, inpaint, inpaint_box, sr."),
+    "input": d(s, "input", None, "npz with clean `images` (uint8 NHWC) or `samples` (float, [-1, 1])."),
+    "out": d(s, "out", "restored.npz", "Output npz."),
+    "seed": d(i, "seed", 0, "Seed of the measurement noise and of the sampler."),
+    "baseline": d(s, "baseline", None, "Run a zero-shot baseline instead (see the module docstring)."),
+    "teacher": d(s, "teacher", "builtin:digits_uncond", "Teacher for --baseline without --sampler."),
+    "sigma_y": d(f, "sigma_y", None, "Measurement noise std ([-1, 1] units); default: the task's."),
+    "settings": d(s, "settings", "", "Operator settings as JSON, e.g. '{\"std\": 1.5}' (no --sampler)."),
+    "num": d(i, "num", 0, "Restore only the first NUM images (0: all)."),
+    "batch_size": d(i, "batch_size", 256, "Images per batch."),
+  }
+
 
 _BASELINE_RE = re.compile(r"^(unfolded_zero_shot|diffpir|ddrm)(?:_(\d+))?$")
 
 
 def load_clean(path: str) -> tuple[np.ndarray, bool]:
-  """(float32 `[N, H, W, C]` in [-1, 1], whether the input was uint8 `images`)."""
-  with np.load(path) as f:
-    if "images" in f:
-      images = f["images"]
-      if images.dtype != np.uint8:
-        raise UserError(f"{path}: 'images' must be uint8, got {images.dtype}")
-      x, is_uint8 = images.astype(np.float32) / 127.5 - 1.0, True
-    elif "samples" in f:
-      x, is_uint8 = np.asarray(f["samples"], np.float32), False
-    else:
-      raise UserError(f"{path}: needs an 'images' (uint8) or 'samples' (float) array; has {sorted(f.keys())}")
-  if x.ndim == 3:
-    x = x[..., None]
-  if x.ndim != 4:
-    raise UserError(f"{path}: images must be [N, H, W, C], got shape {x.shape}")
-  return x, is_uint8
+  """(float32 `[N, H, W, C]` in [-1, 1], whether the input was uint8 `images`); checked by `fileio.read_images_npz`."""
+  return fileio.read_images_npz(path, "--input")
 
 
 def to_layout(x: np.ndarray, as_uint8: bool) -> np.ndarray:
@@ -131,6 +126,14 @@ def run(
 
   if not sampler_dir and not baseline:
     raise UserError("give --sampler DIR (a UD2M export) or --baseline NAME")
+  if num < 0 or batch_size < 1:
+    raise UserError(f"--num must be >= 0 and --batch_size >= 1, got {num} and {batch_size}")
+  if sigma_y is not None and not (np.isfinite(sigma_y) and sigma_y >= 0):
+    raise UserError(f"--sigma_y: must be a finite number >= 0, got {sigma_y}")
+  if not out_path or os.path.isdir(out_path):
+    raise UserError(f"--out {out_path!r}: must name a file, not a directory")
+  if baseline and not _BASELINE_RE.match(baseline):
+    raise UserError(f"--baseline: unknown {baseline!r}; use unfolded_zero_shot, diffpir[_NFE] or ddrm[_NFE]")
   x, as_uint8 = load_clean(input_path)
   if num:
     x = x[:num]
@@ -152,7 +155,7 @@ def run(
       overrides["sigma_y"] = sigma_y
     try:
       op_name, op_settings, sigma_y = export_lib.task_operator(task, image_shape, overrides)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
       raise UserError(f"--task/--settings: {e}") from e
     operator = ops.make_operator(op_name, image_shape, **op_settings)
   if tuple(x.shape[1:]) != image_shape:
@@ -169,7 +172,7 @@ def run(
   seconds = (time.perf_counter() - t0) / x.shape[0]
   observed = operator.backproject(y)
   p, s = np.asarray(psnr(restored, clean)), np.asarray(ssim(restored, clean))
-  np.savez(
+  fileio.write_npz(
     out_path,
     clean=to_layout(clean, as_uint8),
     observed=to_layout(observed, as_uint8),
@@ -180,39 +183,56 @@ def run(
   return {"psnr": float(p.mean()), "ssim": float(s.mean()), "nfe": nfe, "seconds_per_image": seconds}
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], holders: dict | None = None) -> None:
+  v = {k: h.value for k, h in (_flag_holders() if holders is None else holders).items()}
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _INPUT.value:
+  if not v["input"]:
     raise UserError("--input is required")
-  if not _TASK.value and not _SAMPLER.value:
+  if not v["task"] and not v["sampler"]:
     raise UserError("--task is required without --sampler")
-  try:
-    settings = json.loads(_SETTINGS.value) if _SETTINGS.value else None
-  except json.JSONDecodeError as e:
-    raise UserError(f"--settings: not valid JSON ({e})") from e
+  settings = fileio.parse_json_arg(v["settings"], "--settings") if v["settings"] else None
   result = run(
-    _INPUT.value,
-    _OUT.value,
-    _TASK.value,
-    _SEED.value,
-    _SAMPLER.value,
-    _BASELINE.value,
-    _TEACHER.value,
-    _SIGMA_Y.value,
+    v["input"],
+    v["out"],
+    v["task"],
+    v["seed"],
+    v["sampler"],
+    v["baseline"],
+    v["teacher"],
+    v["sigma_y"],
     settings,
-    _NUM.value,
-    _BATCH.value,
+    v["num"],
+    v["batch_size"],
   )
-  what = _BASELINE.value or f"UD2M sampler {_SAMPLER.value}"
+  what = v["baseline"] or f"UD2M sampler {v['sampler']}"
   print(
     f"{what}: PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}, {result['nfe']} NFE, "
-    f"{1000 * result['seconds_per_image']:.2f} ms/image -> {_OUT.value}",
+    f"{1000 * result['seconds_per_image']:.2f} ms/image -> {v['out']}",
     flush=True,
   )
 
 
+_GLOBAL: dict = {}
+
+
+def _flag_holders() -> dict:
+  if not _GLOBAL:
+    _GLOBAL.update(define_flags())
+  return _GLOBAL
+
+
+def run_in_process(argv: list[str]) -> int:
+  """The command line without a new process (tests): fresh flags, returns the exit code."""
+  from emd_jax.cli import execute
+
+  fv = flags.FlagValues()
+  holders = define_flags(fv)
+  return execute(lambda rest: main(rest, holders), ["emd_jax.restore", *argv], fv, (ValueError,))
+
+
 def entry() -> None:
+  _flag_holders()
   run_app(main, (ValueError,))
 
 

@@ -8,6 +8,11 @@ The config's teacher with the EDM Heun sampler (2 * num_steps - 1 NFE):
 The npz holds `samples` (float32, `[N, *data_shape]`, data space); for images
 also `images` (uint8 `[N, H, W, C]`), and `labels` for class-conditional models.
 `--grid F.png` writes a grid of the first samples (images only).
+
+The export (or the config's teacher) is checked before anything is computed
+(`export.read_export`: spec fields, architecture, parameter shapes, dtypes,
+finite values); a bad one is one `error: ...` line, exit status 2, and nothing
+is written to `--out`, which is written atomically.
 """
 
 from __future__ import annotations
@@ -17,35 +22,56 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-_GENERATOR = flags.DEFINE_string("generator", None, "Export directory of a trained generator.")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose teacher to sample (with --teacher).")
-_TEACHER = flags.DEFINE_bool("teacher", False, "Sample the config's teacher with the Heun sampler.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 18, "Heun steps for --teacher (NFE = 2 * num_steps - 1).")
-_NUM = flags.DEFINE_integer("num", 1000, "Number of samples.")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
-_OUT = flags.DEFINE_string("out", "samples.npz", "Output .npz file.")
-_BATCH = flags.DEFINE_integer("batch_size", 1024, "Samples per device batch.")
-_LABELS = flags.DEFINE_string("labels", None, "Class labels: one int for all, or comma-separated per sample.")
-_GRID = flags.DEFINE_string("grid", None, "Write a PNG grid of the first 64 samples (images only).")
+from emd_jax import fileio
+from emd_jax.errors import UserError, UserInputError
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS, sys_argv: list[str] | None = None) -> dict:
+  """Defines the sampler's flags on `fv`; returns their holders by name."""
+  return {
+    "generator": flags.DEFINE_string("generator", None, "Export directory of a trained generator.", flag_values=fv),
+    "config": config_flags.DEFINE_config_file(
+      "config", None, "Config whose teacher to sample (with --teacher).", flag_values=fv, sys_argv=sys_argv
+    ),
+    "teacher": flags.DEFINE_bool(
+      "teacher", False, "Sample the config's teacher with the Heun sampler.", flag_values=fv
+    ),
+    "num_steps": flags.DEFINE_integer(
+      "num_steps", 18, "Heun steps for --teacher (NFE = 2 * num_steps - 1).", flag_values=fv
+    ),
+    "num": flags.DEFINE_integer("num", 1000, "Number of samples.", flag_values=fv),
+    "seed": flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv),
+    "out": flags.DEFINE_string("out", "samples.npz", "Output .npz file.", flag_values=fv),
+    "batch_size": flags.DEFINE_integer("batch_size", 1024, "Samples per device batch.", flag_values=fv),
+    "labels": flags.DEFINE_string(
+      "labels", None, "Class labels: one int for all, or comma-separated per sample.", flag_values=fv
+    ),
+    "grid": flags.DEFINE_string(
+      "grid", None, "Write a PNG grid of the first 64 samples (images only).", flag_values=fv
+    ),
+  }
 
 
 def parse_labels(text: str | None, num: int, num_classes: int):
   if not num_classes:
     if text:
-      raise ValueError("--labels given but the model is unconditional")
+      raise UserInputError("--labels: given, but the model is unconditional")
     return None
   if not text:
     return None
-  values = [int(v) for v in text.split(",")]
+  try:
+    values = [int(v) for v in text.split(",")]
+  except ValueError as e:
+    raise UserInputError(f"--labels: not a comma-separated list of integers: {text!r:.60}") from e
   if any(v < 0 or v >= num_classes for v in values):
-    raise ValueError(f"--labels must be in [0, {num_classes}), got {text}")
+    raise UserInputError(f"--labels: must be in [0, {num_classes}), got {text:.60}")
   if len(values) == 1:
     values = values * num
   if len(values) != num:
-    raise ValueError(f"--labels has {len(values)} entries for --num {num}")
+    raise UserInputError(f"--labels: has {len(values)} entries for --num {num}")
   return np.asarray(values, np.int32)
 
 
@@ -83,48 +109,79 @@ def write_npz(path: str, samples: np.ndarray, labels=None) -> dict:
     out["images"] = to_uint8(samples)
   if labels is not None:
     out["labels"] = np.asarray(labels)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **out)
-  os.replace(tmp, path)
+  fileio.write_npz(path, **out)
   return out
 
 
-def main(argv):
-  del argv
-  rng = jax.random.key(_SEED.value)
-  if _GENERATOR.value:
+def main(argv: list[str], holders: dict | None = None) -> None:
+  f = _flag_holders() if holders is None else holders
+  v = {k: h.value for k, h in f.items() if k != "config"}
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  for name in ("num", "batch_size", "num_steps"):
+    if v[name] < 1:
+      raise UserError(f"--{name}: must be >= 1, got {v[name]}")
+  out_path = v["out"]
+  if not out_path or os.path.isdir(out_path):
+    raise UserError(f"--out {out_path!r}: must name a file, not a directory")
+  rng = jax.random.key(v["seed"])
+  # Everything is read and checked before any compute; nothing is written before the samples exist.
+  if v["generator"]:
     from emd_jax.export import load_sampler
 
-    sampler = load_sampler(_GENERATOR.value)
-    labels = parse_labels(_LABELS.value, _NUM.value, sampler.num_classes)
-    k_lab, k_s = jax.random.split(rng)
-    if sampler.num_classes and labels is None:
-      labels = np.asarray(jax.random.randint(k_lab, (_NUM.value,), 0, sampler.num_classes))
-    samples = np.asarray(sampler.sample(k_s, _NUM.value, labels=labels, batch_size=_BATCH.value))
-  elif _TEACHER.value:
-    if _CONFIG.value is None:
-      raise app.UsageError("--teacher needs --config")
+    sampler = load_sampler(v["generator"])
+    data_shape, num_classes = sampler.data_shape, sampler.num_classes
+  elif v["teacher"]:
+    config = f["config"].value
+    if config is None:
+      raise UserError("--teacher: needs --config")
     from emd_jax import teachers
 
-    teacher = teachers.from_config(_CONFIG.value.teacher)
-    labels = parse_labels(_LABELS.value, _NUM.value, teacher.num_classes)
-    samples, labels = sample_teacher(teacher, rng, _NUM.value, _NUM_STEPS.value, labels, _BATCH.value)
+    teacher = teachers.from_config(config.teacher)
+    data_shape, num_classes = teacher.data_shape, teacher.num_classes
   else:
-    raise app.UsageError("give --generator DIR, or --config FILE --teacher")
-  out = write_npz(_OUT.value, samples, labels)
-  if _GRID.value:
-    if "images" not in out:
-      raise app.UsageError("--grid needs image samples")
+    raise UserError("give --generator DIR, or --config FILE --teacher")
+  labels = parse_labels(v["labels"], v["num"], num_classes)
+  if v["grid"] and len(data_shape) != 3:
+    raise UserError(f"--grid: needs image samples; this model's data shape is {tuple(data_shape)}")
+  if v["generator"]:
+    k_lab, k_s = jax.random.split(rng)
+    if num_classes and labels is None:
+      labels = np.asarray(jax.random.randint(k_lab, (v["num"],), 0, num_classes))
+    samples = np.asarray(sampler.sample(k_s, v["num"], labels=labels, batch_size=v["batch_size"]))
+  else:
+    samples, labels = sample_teacher(teacher, rng, v["num"], v["num_steps"], labels, v["batch_size"])
+  out = write_npz(out_path, samples, labels)
+  if v["grid"]:
     from emd_jax.evaluators.grids import image_grid, save_png
 
-    save_png(_GRID.value, image_grid(out["images"][:64]), scale=4)
-  print(f"wrote {samples.shape[0]} samples of shape {samples.shape[1:]} to {_OUT.value}")
+    save_png(v["grid"], image_grid(out["images"][:64]), scale=4)
+  print(f"wrote {samples.shape[0]} samples of shape {samples.shape[1:]} to {out_path}")
+
+
+_GLOBAL: dict = {}
+
+
+def _flag_holders() -> dict:
+  if not _GLOBAL:
+    _GLOBAL.update(define_flags())
+  return _GLOBAL
+
+
+def run_in_process(argv: list[str]) -> int:
+  """The command line without a new process (tests): fresh flags, returns the exit code."""
+  from emd_jax.cli import execute
+
+  argv = ["emd_jax.sample", *argv]
+  fv = flags.FlagValues()
+  holders = define_flags(fv, sys_argv=argv)
+  return execute(lambda rest: main(rest, holders), argv, fv, (ValueError,))
 
 
 def entry():
   from emd_jax.cli import run_app
 
+  _flag_holders()
   run_app(main, (ValueError,))
 
 

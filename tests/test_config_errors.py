@@ -108,9 +108,9 @@ CASES = [
   (["--config.teacher.kind=checkpoint"], "teacher.checkpoint: no teacher checkpoint directory given"),
   (_ck("missing"), "teacher.checkpoint: teacher checkpoint not found"),
   (_ck("noparams"), "teacher.checkpoint: {teachers}/noparams is not a teacher checkpoint: params.msgpack is missing"),
-  (_ck("badjson"), "teacher.checkpoint: {teachers}/badjson/teacher.json is unusable"),
+  (_ck("badjson"), "teacher.checkpoint: {teachers}/badjson/teacher.json: not valid JSON"),
   (_ck("badarch"), "teacher.checkpoint: {teachers}/badarch/teacher.json: unknown network arch 'resnet'"),
-  (_ck("mismatch"), "does not match the net in teacher.json"),
+  (_ck("mismatch"), "params.msgpack (net 'mlp' of teacher.json): does not match its spec"),
   # the command line itself
   (["--config=configs/missing.py"], "--config: the config file failed to load: OSError"),
   (

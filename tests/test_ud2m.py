@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
 
 from emd_jax import cli, restore
 from emd_jax.nets import build
@@ -154,7 +153,7 @@ def test_export_and_restore_cli_round_trip(teacher_dir, run_2, tmp_path):
   np.savez(tmp_path / "clean_u8.npz", images=images)
   np.savez(tmp_path / "clean_f.npz", samples=images.astype(np.float32)[..., 0] / 127.5 - 1.0)  # [N, H, W]
   argv = ["restore", f"--sampler={export_dir}", "--task=deblur", "--seed=3", "--batch_size=2"]
-  code = cli.execute(restore.main, [*argv, f"--input={tmp_path}/clean_u8.npz", f"--out={tmp_path}/u8.npz"], flags.FLAGS)
+  code = restore.run_in_process([*argv[1:], f"--input={tmp_path}/clean_u8.npz", f"--out={tmp_path}/u8.npz"])
   assert code == 0
   with np.load(tmp_path / "u8.npz") as f:
     assert {"clean", "observed", "restored", "psnr", "ssim"} <= set(f.keys())
@@ -181,7 +180,7 @@ def test_export_and_restore_cli_round_trip(teacher_dir, run_2, tmp_path):
   )
   assert base["nfe"] == 9 and np.isfinite(base["psnr"])
   wrong = [*argv, "--task=inpaint", f"--input={tmp_path}/clean_u8.npz", f"--out={tmp_path}/x.npz"]
-  assert cli.execute(restore.main, wrong, flags.FLAGS, (ValueError,)) == cli.USAGE_EXIT_CODE
+  assert restore.run_in_process(wrong[1:]) == cli.USAGE_EXIT_CODE
 
 
 @pytest.mark.slow

@@ -316,13 +316,22 @@ def convert_torch_checkpoint(pth_path: str, npz_path: str) -> int:
     import torch
   except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("converting needs torch: pip install 'emd_jax[convert]'") from e
-  state = torch.load(pth_path, map_location="cpu", weights_only=True)
+  from emd_jax import fileio
+  from emd_jax.errors import UserInputError
+
+  fileio.require_file(pth_path, "Inception checkpoint")
+  try:  # torch's own restricted loader (weights_only): it refuses code-running globals
+    state = torch.load(pth_path, map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001  (torch raises several types on a bad or hostile file)
+    raise UserInputError(f"{pth_path}: not a loadable torch checkpoint ({type(e).__name__}: {e})") from e
+  if not isinstance(state, dict):
+    raise UserInputError(f"{pth_path}: expected a state dict, got {type(state).__name__}")
   wanted = set(torch_names(abstract_params()))
   arrays = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in state.items() if k in wanted}
   missing = sorted(wanted - set(arrays))
   if missing:
-    raise KeyError(f"{pth_path} lacks {len(missing)} weights, e.g. {missing[:3]}")
-  np.savez(npz_path, **arrays)
+    raise UserInputError(f"{pth_path}: lacks {len(missing)} weights, e.g. {missing[:3]}")
+  fileio.write_npz(npz_path, **arrays)
   return len(arrays)
 
 
@@ -386,11 +395,19 @@ class InceptionEvaluator:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) != 4 or argv[1] != "convert":
-    raise SystemExit("usage: python -m emd_jax.evaluators.inception convert IN.pth OUT.npz")
-  n = convert_torch_checkpoint(argv[2], argv[3])
-  print(f"wrote {n} arrays to {argv[3]}")
+  """`argv` without the program name: `convert IN.pth OUT.npz`."""
+  from emd_jax.errors import UserError
+
+  if len(argv) != 3 or argv[0] != "convert":
+    raise UserError("usage: python -m emd_jax.evaluators.inception convert IN.pth OUT.npz")
+  try:
+    n = convert_torch_checkpoint(argv[1], argv[2])
+  except ImportError as e:
+    raise UserError(str(e)) from e
+  print(f"wrote {n} arrays to {argv[2]}")
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  from emd_jax import cli
+
+  sys.exit(cli.run_argv(main))

@@ -25,3 +25,14 @@ def build(spec: dict):
     raise ValueError(f"unknown network arch {arch!r}; known: {sorted(_BUILDERS)}")
   module_name, fn = _BUILDERS[arch].split(":")
   return getattr(importlib.import_module(module_name), fn)(spec)
+
+
+def abstract_params(spec: dict, data_shape, num_classes: int = 0):
+  """The parameter tree `build(spec)` initialises for data of `data_shape`, as shapes only (`jax.eval_shape`)."""
+  import jax
+  import jax.numpy as jnp
+
+  module = build(spec)
+  labels = jnp.zeros((1, num_classes)) if num_classes else None
+  init = lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, *data_shape)), jnp.ones((1,)), labels)["params"]
+  return jax.eval_shape(init)

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from emd_jax import __version__, teachers
+from emd_jax import __version__, fileio, teachers
+from emd_jax.errors import UserInputError
 from emd_jax.fileio import publish_dir
 from emd_jax.nets import lora as lora_lib
 from emd_jax.posterior import operators as ops
@@ -203,24 +204,76 @@ class PosteriorSampler:
     return jnp.concatenate(out).astype(jnp.float32)
 
 
+def _check_meta(meta: dict, spec: str) -> None:
+  """The fields `PosteriorSampler` reads, with their types (`UserInputError` naming the file and field)."""
+  req = fileio.require_fields
+  req(meta, {"teacher": dict, "lora": dict, "unfolded": dict, "task": dict, "sampler": dict}, spec)
+  req(meta["teacher"], {"path": str}, f"{spec}: teacher")
+  req(meta["lora"], {"file": str, "rank": int, "targets": list}, f"{spec}: lora")
+  req(meta["lora"], {"scale": float} if "scale" in meta["lora"] else {}, f"{spec}: lora")
+  req(
+    meta["task"],
+    {"task": str, "operator": str, "settings": dict, "sigma_y": float, "image_shape": list},
+    f"{spec}: task",
+  )
+  fileio.check_shape_list(meta["task"]["image_shape"], f"{spec}: task.image_shape", rank=3)
+  s = meta["sampler"]
+  req(
+    s,
+    {"num_outer": int, "num_inner": int, "timesteps": list, "eta": float, "xt_likelihood": bool, "init": str},
+    f"{spec}: sampler",
+  )
+  if not (1 <= s["num_outer"] <= 1000 and 1 <= s["num_inner"] <= 1000 and len(s["timesteps"]) == s["num_outer"]):
+    raise UserInputError(f"{spec}: sampler: num_outer, num_inner and timesteps do not fit together")
+  n = s["num_outer"] * s["num_inner"]
+  for k in ("log_lam", "log_t_delta"):
+    v = meta["unfolded"].get(k)
+    ok = isinstance(v, list) and len(v) == n and all(isinstance(x, int | float) for x in v)
+    if not ok or not np.isfinite(np.asarray(v, np.float64)).all():
+      raise UserInputError(f"{spec}: unfolded.{k} must be {n} finite numbers")
+  if os.path.basename(meta["lora"]["file"]) != meta["lora"]["file"]:
+    raise UserInputError(f"{spec}: lora.file must be a file name inside the export, got {meta['lora']['file']!r}")
+
+
 def load_sampler(directory: str) -> PosteriorSampler:
-  """Loads an export written by `write_sampler`."""
+  """Loads an export written by `write_sampler`, checked first (spec fields, teacher, LoRA factors, operator)."""
   spec = os.path.join(directory, SPEC_FILE)
   if not os.path.isfile(spec):
     raise FileNotFoundError(f"not a UD2M sampler export (missing {SPEC_FILE}): {directory}")
-  with open(spec) as f:
-    meta = json.load(f)
+  meta = fileio.read_json(spec, "sampler spec")
   if meta.get("kind") != "ud2m_sampler":
-    raise ValueError(f"{spec}: kind {meta.get('kind')!r} is not 'ud2m_sampler'")
-  if meta.get("format_version", 0) > FORMAT_VERSION:
-    raise ValueError(f"{spec}: format {meta['format_version']} is newer than this emd_jax ({FORMAT_VERSION})")
+    raise UserInputError(f"{spec}: kind {meta.get('kind')!r} is not 'ud2m_sampler'")
+  version = meta.get("format_version", 0)
+  if not isinstance(version, int) or version > FORMAT_VERSION:
+    raise UserInputError(f"{spec}: format {version!r} is newer than this emd_jax ({FORMAT_VERSION})")
+  _check_meta(meta, spec)
   ref = meta["teacher"]["path"]
   if ref.startswith(teachers.BUILTIN_PREFIX) or os.path.isabs(ref):
     teacher = teachers.load(ref)
   else:
     from emd_jax.teachers import network
 
+    if ref != TEACHER_DIR:
+      raise UserInputError(f"{spec}: teacher.path {ref!r}: a relative teacher must be the export's {TEACHER_DIR!r}")
     teacher = network.load(os.path.join(directory, ref))
-  with open(os.path.join(directory, meta["lora"]["file"]), "rb") as f:
-    lora_params = jax.tree.map(jnp.asarray, serialization.msgpack_restore(f.read()))
-  return PosteriorSampler(meta, teacher, lora_params)
+  if tuple(teacher.data_shape) != tuple(meta["task"]["image_shape"]):
+    raise UserInputError(
+      f"{spec}: task.image_shape {meta['task']['image_shape']} is not the teacher's "
+      f"data shape {list(teacher.data_shape)}"
+    )
+  lora_file = os.path.join(directory, meta["lora"]["file"])
+  lora_params = fileio.read_msgpack(lora_file, "LoRA parameter file")
+  try:
+    expected = jax.eval_shape(
+      lambda: lora_lib.init_lora(
+        jax.random.PRNGKey(0), teacher.params, meta["lora"]["rank"], tuple(meta["lora"]["targets"])
+      )
+    )
+  except Exception as e:  # noqa: BLE001  (bad target patterns, a rule selecting nothing)
+    raise UserInputError(f"{spec}: lora rank/targets do not fit the teacher ({type(e).__name__}: {e})") from e
+  fileio.check_params(expected, lora_params, f"{lora_file} (lora rank/targets of {SPEC_FILE})")
+  lora_params = jax.tree.map(jnp.asarray, lora_params)
+  try:
+    return PosteriorSampler(meta, teacher, lora_params)
+  except (ValueError, TypeError, KeyError) as e:  # the operator rejects its name or settings
+    raise UserInputError(f"{spec}: task: {type(e).__name__}: {e}") from e

@@ -444,8 +444,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teacher:
 
   config = ml_collections.ConfigDict(config)  # private, unlocked copy
   validate(config)
+  setup = build_setup(config, teacher)  # loads and checks the teacher: a bad one leaves no workdir behind
   os.makedirs(workdir, exist_ok=True)
-  setup = build_setup(config, teacher)
   mesh = parallel.make_mesh(config.mesh)
   parallel.check_batch(config.batch_size, mesh)
   base_key = jax.random.PRNGKey(config.seed)

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from emd_jax import fileio
+from emd_jax.errors import UserInputError
 from emd_jax.fileio import publish_dir
 from emd_jax.teachers.base import Teacher
 
@@ -75,33 +77,63 @@ def save(path: str, spec: dict, params: Any, meta: dict | None = None) -> str:
 
 
 def read_info(path: str) -> dict:
-  """The parsed teacher.json of a teacher directory (clear error if absent)."""
+  """The parsed, checked teacher.json of a teacher directory (`UserInputError` naming the file if unusable)."""
+  from emd_jax import nets
+
   spec_file = os.path.join(path, SPEC_FILE)
   if not os.path.isfile(spec_file):
     raise FileNotFoundError(f"teacher checkpoint not found: {spec_file} is missing")
-  with open(spec_file) as f:
-    info = json.load(f)
+  info = fileio.read_json(spec_file, "teacher spec")
   if info.get("kind") != "network":
-    raise ValueError(f"{spec_file}: kind {info.get('kind')!r} is not 'network'")
-  if info.get("format_version", 0) > FORMAT_VERSION:
-    raise ValueError(
-      f"{spec_file}: format_version {info['format_version']} is newer than this emd_jax understands ({FORMAT_VERSION})"
+    raise UserInputError(f"{spec_file}: kind {info.get('kind')!r} is not 'network'")
+  version = info.get("format_version", 0)
+  if not isinstance(version, int) or version > FORMAT_VERSION:
+    raise UserInputError(
+      f"{spec_file}: format_version {version!r} is newer than this emd_jax understands ({FORMAT_VERSION})"
     )
+  fileio.require_fields(info, {"net": dict, "data_shape": list}, spec_file)
+  fileio.check_shape_list(info["data_shape"], f"{spec_file}: data_shape")
+  fileio.require_fields(info["net"], {"arch": str}, f"{spec_file}: net")
+  if info["net"]["arch"] not in nets._BUILDERS:
+    raise UserInputError(f"{spec_file}: unknown network arch {info['net']['arch']!r}; known: {sorted(nets._BUILDERS)}")
+  optional = {"num_classes": int, "sigma_data": float}
+  fileio.require_fields(info, {k: t for k, t in optional.items() if k in info}, spec_file)
+  if info.get("num_classes", 0) < 0 or not info.get("sigma_data", 0.5) > 0:
+    raise UserInputError(f"{spec_file}: num_classes must be >= 0 and sigma_data > 0")
   return info
 
 
+def read_params(path: str, info: dict | None = None) -> tuple[dict, Any]:
+  """`(info, params)` of a teacher directory, the params checked against the net teacher.json names.
+
+  A directory whose params.msgpack belongs to another architecture, has missing or extra
+  leaves, other shapes or dtypes, or non-finite values raises `UserInputError` naming it.
+  """
+  from emd_jax import nets
+
+  info = read_info(path) if info is None else info
+  params_file = os.path.join(path, PARAMS_FILE)
+  if not os.path.isfile(params_file):
+    raise FileNotFoundError(f"teacher checkpoint not found: {params_file} is missing")
+  params = fileio.read_msgpack(params_file, "teacher parameter file")
+  try:
+    expected = nets.abstract_params(info["net"], info["data_shape"], int(info.get("num_classes", 0)))
+  except Exception as e:  # noqa: BLE001  (a spec the network code rejects: unknown or inconsistent fields)
+    raise UserInputError(
+      f"{os.path.join(path, SPEC_FILE)}: its net does not build for data shape {info['data_shape']} "
+      f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+    ) from e
+  fileio.check_params(expected, params, f"{params_file} (net {info['net']['arch']!r} of {SPEC_FILE})", "float32")
+  return info, params
+
+
 def load(path: str) -> Teacher:
-  """Loads a teacher directory written by `save` (or `python -m emd_jax.convert`)."""
+  """Loads a teacher directory written by `save` (or `python -m emd_jax.convert`), checked first."""
   from emd_jax.nets import build
 
   if not os.path.isdir(path):
     raise FileNotFoundError(f"teacher checkpoint not found: {path} is not a directory")
-  info = read_info(path)
-  params_file = os.path.join(path, PARAMS_FILE)
-  if not os.path.isfile(params_file):
-    raise FileNotFoundError(f"teacher checkpoint not found: {params_file} is missing")
-  with open(params_file, "rb") as f:
-    params = serialization.msgpack_restore(f.read())
+  info, params = read_params(path)
   params = jax.tree.map(jnp.asarray, params)
   module = build(info["net"])
 
