@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import time
 
 import jax
 
@@ -35,6 +33,7 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.digits import compare, score_sets, with_display  # noqa: E402
 from benchmarks.digits_sweep import apply_overrides  # noqa: E402
+from benchmarks.fidelity_common import train_recording  # noqa: E402
 from configs.digits import get_config  # noqa: E402
 from emd_jax import teachers  # noqa: E402
 from emd_jax import train as train_lib  # noqa: E402
@@ -181,24 +180,11 @@ def main() -> None:
     config.eval_every = args.eval_every
     config.eval_num_samples = args.eval_samples
     config.checkpoint_every = config.total_steps
-    workdir = os.path.join(args.workdir, name)
-    shutil.rmtree(workdir, ignore_errors=True)
-
-    trajectory = []
-    original = train_lib.evaluate
-
-    def recording(cfg, setup, params, rng, step=None, workdir=None, _orig=original, _traj=trajectory):
-      scalars, images = _orig(cfg, setup, params, rng, step=step, workdir=workdir)
-      _traj.append({"step": int(step or 0), **{k: float(scalars[k]) for k in TRAJECTORY if k in scalars}})
-      return scalars, images
-
-    train_lib.evaluate = recording
-    try:
-      t0 = time.perf_counter()
-      result = train_lib.train_and_evaluate(config, workdir)
-      seconds = time.perf_counter() - t0
-    finally:
-      train_lib.evaluate = original
+    result, seconds, trajectory = train_recording(
+      config,
+      os.path.join(args.workdir, name),
+      lambda scalars: {k: float(scalars[k]) for k in TRAJECTORY if k in scalars},
+    )
     state = result["state"]
     setup = train_lib.build_setup(config)
     row = {"name": name, "overrides": overrides, "steps": config.total_steps, "seconds": seconds}

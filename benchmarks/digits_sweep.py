@@ -61,7 +61,8 @@ def markdown(rows: list[dict], teacher_fd: float) -> str:
   ]
   for r in rows:
     lines.append(
-      f"| {r['name']} | `{json.dumps(r['overrides'])}` | {r.get('base', 'configs/digits.py')} | {r['steps']} | {r['seconds']:.0f} | "
+      f"| {r['name']} | `{json.dumps(r['overrides'])}` | {r.get('base', 'configs/digits.py')} | {r['steps']} | "
+      f"{r['seconds']:.0f} | "
       f"{r['fd_mean']:.2f} ({r['fd0']:.2f} / {r['fd1']:.2f}) | {r['ratio']:.2f} | {min(r['cov0'], r['cov1']):.2f} |"
     )
   return "\n".join(lines) + "\n"
@@ -98,7 +99,7 @@ def main() -> None:
     row = {"name": name, "overrides": overrides, "steps": args.steps, "seconds": time.perf_counter() - t0}
     sampler = load_sampler(os.path.join(workdir, "export"))
     for seed in (0, 1):  # one set per seed, scored as the benchmark scores it
-      s, _ = score_sets(lambda k: sampler.sample(k, args.num_samples, batch_size=500), [jax.random.key(seed)])
+      s, _ = score_sets(lambda k, sa=sampler: sa.sample(k, args.num_samples, batch_size=500), [jax.random.key(seed)])
       row[f"fd{seed}"], row[f"cov{seed}"] = s["fd"], s["coverage"]
     row["fd_mean"] = (row["fd0"] + row["fd1"]) / 2
     row["ratio"] = row["fd_mean"] / args.teacher_fd

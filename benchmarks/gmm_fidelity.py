@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import time
 
 import jax
 
@@ -27,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.digits_sweep import apply_overrides  # noqa: E402
+from benchmarks.fidelity_common import train_recording  # noqa: E402
 from benchmarks.gmm_methods import score_sets  # noqa: E402
 from configs.gmm import get_config  # noqa: E402
 from emd_jax import train as train_lib  # noqa: E402
@@ -114,25 +113,11 @@ def main() -> None:
     config.total_steps = args.steps or config.total_steps
     config.eval_every = args.eval_every
     config.checkpoint_every = config.total_steps
-    workdir = os.path.join(args.workdir, name)
-    shutil.rmtree(workdir, ignore_errors=True)
-    trajectory = []
-    original = train_lib.evaluate
-
-    def recording(cfg, setup, p, rng, step=None, workdir=None, _orig=original, _traj=trajectory):
-      scalars, images = _orig(cfg, setup, p, rng, step=step, workdir=workdir)
-      _traj.append(
-        {"step": int(step or 0), **{k.split("/", 1)[1]: float(v) for k, v in scalars.items() if k.startswith("gmm/")}}
-      )
-      return scalars, images
-
-    train_lib.evaluate = recording
-    try:
-      t0 = time.perf_counter()
-      result = train_lib.train_and_evaluate(config, workdir)
-      seconds = time.perf_counter() - t0
-    finally:
-      train_lib.evaluate = original
+    result, seconds, trajectory = train_recording(
+      config,
+      os.path.join(args.workdir, name),
+      lambda scalars: {k.split("/", 1)[1]: float(v) for k, v in scalars.items() if k.startswith("gmm/")},
+    )
     state = result["state"]
     setup = train_lib.build_setup(config)
     row = {
