@@ -37,6 +37,7 @@ from benchmarks.fidelity_common import train_recording  # noqa: E402
 from configs.digits import get_config  # noqa: E402
 from emd_jax import teachers  # noqa: E402
 from emd_jax import train as train_lib  # noqa: E402
+from emd_jax.distill import methods  # noqa: E402
 from emd_jax.sample import sample_teacher  # noqa: E402
 
 TRAJECTORY = ("fd", "fd_pixel", "recall", "pixel_std_ratio_real", "class_tv")
@@ -58,8 +59,6 @@ def passes_per_step(config) -> int:
   ones); each E-step Langevin step: 2 (teacher + fake forward; + 3 if the latent moves); the M-step:
   di/dmd 2 (teacher + fake forward), sim/sid 6 (both forwards and their input VJPs), emd 0.
   """
-  from emd_jax.distill import methods
-
   c = get_config()
   apply_overrides(c, dict(config))
   methods.resolve(c)
@@ -189,6 +188,10 @@ def main() -> None:
     setup = train_lib.build_setup(config)
     row = {"name": name, "overrides": overrides, "steps": config.total_steps, "seconds": seconds}
     row["passes_per_step"] = passes
+    resolved = get_config()
+    apply_overrides(resolved, overrides)
+    methods.resolve(resolved)  # the run's own method and chain length (the config file may change later)
+    row["method"], row["estep_k"] = resolved.method, int(resolved.estep.num_steps)
     row["trajectory"] = trajectory
     for which, params in (("ema", state.gen_ema), ("raw", None if args.no_raw else state.gen_params)):
       if params is None:

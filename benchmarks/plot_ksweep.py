@@ -48,7 +48,8 @@ def load(path: str, which: str) -> list[dict]:
       if line.strip():
         r = json.loads(line)
         if which in r:
-          method, k = resolved(r["overrides"])
+          # Rows record the method and K they ran with; older rows are resolved against today's config.
+          method, k = (r["method"], r["estep_k"]) if "estep_k" in r else resolved(r["overrides"])
           rows.append({"name": r["name"], "method": method, "k": k, "steps": r["steps"], **r[which]})
   return rows
 
@@ -99,6 +100,29 @@ def plot(rows: list[dict], teacher_std: float, out: str, title: str) -> None:
   fig.savefig(out, dpi=110)
 
 
+TABLE = (
+  ("FD / T", "fd_ratio", "{:.2f}"),
+  ("pixel FD / T", "fd_pixel_ratio", "{:.2f}"),
+  ("KID / T", "kid_ratio", "{:.2f}"),
+  ("pixel KID / T", "kid_pixel_ratio", "{:.2f}"),
+  ("recall - T", "recall_diff", "{:+.3f}"),
+  ("class TV - T", "class_tv_diff", "{:+.3f}"),
+  ("pixel std / T", "pixel_std_ratio", "{:.3f}"),
+)
+
+
+def table(rows: list[dict]) -> str:
+  """The rows as a markdown table, E-step methods by K, then the others."""
+  lines = [
+    "| variant | method | K | steps | " + " | ".join(c[0] for c in TABLE) + " |",
+    "|" + "---|" * (4 + len(TABLE)),
+  ]
+  for r in sorted(rows, key=lambda r: (r["k"] == 0, r["method"], r["k"])):
+    cells = " | ".join(fmt.format(r[key]) for _, key, fmt in TABLE)
+    lines.append(f"| {r['name']} | `{r['method']}` | {r['k']} | {r['steps']} | {cells} |")
+  return "\n".join(lines) + "\n"
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--rows", required=True, help="digits_fidelity.py output (.jsonl)")
@@ -109,7 +133,9 @@ def main() -> None:
   args = ap.parse_args()
   with open(args.teacher_cache) as f:
     teacher = json.load(f)["row"]
-  plot(load(args.rows, args.which), teacher["pixel_std"], args.out, args.title)
+  rows = load(args.rows, args.which)
+  plot(rows, teacher["pixel_std"], args.out, args.title)
+  print(table(rows))
   print(f"wrote {args.out}")
 
 

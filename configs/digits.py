@@ -6,7 +6,8 @@ The teacher `builtin:digits_uncond` (a 317k-parameter EDM SongUNet trained on
 8x8 digits padded to 16x16, see docs/digits.md) ships with the project, so
 this runs offline. Generator and fake denoiser start from the teacher's
 weights, the generator as `g(z) = D(z, 2.5)`. The default method is
-`emd_sim` (EMD E-step + SIM pseudo-Huber M-step); the other presets:
+`emd_simloss_k1` (EMD's E-step with one Langevin step + SIM's pseudo-Huber loss at its
+samples); the other presets:
 
   python -m emd_jax.main --config configs/digits.py --workdir runs/digits_sid --config.method=sid
 
@@ -37,7 +38,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if unknown:
     raise ValueError(f"configs/digits.py: unknown variant(s) {sorted(unknown)}; known: '', 'cond', 'tiny'")
   c = distill_config()
-  c.method = "emd_sim"
+  # EMD's E-step + SIM's loss at its samples, one Langevin step: per generator step every method
+  # and chain length tried gives the same diversity here (docs/digits.md "Diversity"), so the
+  # chain is the cheapest one; its cost per step (14 network passes) is the former default's.
+  # A preset, not `estep.num_steps = 1`, so that `--config.method=sim` etc. keep their own K.
+  c.method = "emd_simloss_k1"
   c.seed = 0
   c.total_steps = 800
   c.batch_size = 32

@@ -37,7 +37,7 @@ def distill_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 256
-  c.method = "emd_sim"
+  c.method = "emd_simloss"  # EMD E-step + SIM's loss at its samples (docs/algorithms.md 6.1)
   c.teacher = checkpoint_teacher()
 
   # Student architecture when the teacher is analytic; network teachers give their own.

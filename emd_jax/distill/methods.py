@@ -10,13 +10,14 @@ from __future__ import annotations
 
 # name -> (estep.num_steps, loss.name, loss.distance, loss.weight, description)
 PRESETS: dict[str, tuple[int, str, str, str, str]] = {
-  "emd_sim": (4, "emd", "pseudo_huber", "one", "EMD E-step + SIM pseudo-Huber M-step (default)"),
+  "emd_sim": (4, "emd", "pseudo_huber", "one", "EMD E-step + SIM's pseudo-Huber as a fixed direction"),
   "emd": (4, "emd", "linear", "sigma2", "EM Distillation: E-step + linear M-step"),
   "sim": (0, "sim", "pseudo_huber", "one", "Score Implicit Matching, pseudo-Huber"),
   "sid": (0, "sid", "l2", "one", "Score identity Distillation (SiD), alpha = loss.sid_alpha"),
   "di": (0, "di", "linear", "one", "Diff-Instruct / VSD (reverse KL)"),
   "dmd": (0, "dmd", "linear", "one", "DMD: Diff-Instruct with DMD's normalised weight"),
-  "emd_simloss": (4, "sim", "pseudo_huber", "one", "experimental: SIM loss at E-step samples"),
+  "emd_simloss": (4, "sim", "pseudo_huber", "one", "EMD E-step + SIM's loss at its samples (default)"),
+  "emd_simloss_k1": (1, "sim", "pseudo_huber", "one", "the same with one Langevin step (digits default)"),
 }
 
 
