@@ -20,7 +20,8 @@ of the EMA generator are scored against the real digits (Frechet distance in
 the shipped digits classifier's features, class coverage, precision/recall)
 and a grid goes to TensorBoard and `samples_step{N}.png`.
 
-Expected compute: see docs/digits.md (12 min 59 s end to end on 2 CPU cores, measured).
+Expected compute: see docs/digits.md (the former default, at the same 14 network passes per
+step, took 12 min 59 s end to end on 2 CPU cores).
 `configs/digits.py:tiny` is a seconds-long variant for the tests.
 
 The field set is `emd_jax.config_defaults.distill_config()`, shared with every

@@ -44,7 +44,7 @@ LATENT = dict(SONG, precond="edm", in_channels=4, out_channels=4, augment_dim=0)
 slow = pytest.mark.slow
 # The default suite runs one config (EMD + ADM + class labels); the rest are --runslow.
 CASES = [
-  ("imagenet64_emd", "", ADM),
+  pytest.param("imagenet64_emd", "", ADM, marks=slow),  # about 40 s: --runslow
   pytest.param("cifar10_sim", "", SONG, marks=slow),
   pytest.param("cifar10_sim_cond", "cond", dict(SONG, label_dim=10), marks=slow),
   pytest.param("ffhq64_sim", "", SONG, marks=slow),

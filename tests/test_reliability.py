@@ -88,6 +88,7 @@ def _resumed_from(text: str) -> int:
   return int(lines[-1].split()[-1]) if lines else 0
 
 
+@pytest.mark.slow  # kills and resumes real processes, about 60 s; --runslow
 def test_sigkill_anywhere_and_sigterm_resume_bit_identically(tmp_path, reference, capsys):
   """SIGKILL during an async checkpoint write, SIGKILL between steps, SIGTERM: then the same final state."""
   rng = np.random.default_rng(6)

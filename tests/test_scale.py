@@ -103,6 +103,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # about 80 s on 2 cores (two JAX processes over gloo); --runslow
 def test_two_processes_match_one_process(tmp_path):
   """2 processes x 4 CPU devices over loopback (gloo) == 1 process x 8 devices."""
   common = [

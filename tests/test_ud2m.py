@@ -139,6 +139,7 @@ def test_resume_is_exact(teacher_dir, run_2, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow  # trains a UD2M run for its fixture, about 80 s; --runslow
 def test_export_and_restore_cli_round_trip(teacher_dir, run_2, tmp_path):
   workdir, result = run_2
   assert result["step"] == 2 and np.isfinite(result["eval/psnr"]) and 0 < result["eval/ssim"] <= 1
