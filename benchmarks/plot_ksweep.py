@@ -23,6 +23,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.digits_fidelity import TABLE  # noqa: E402
 from benchmarks.digits_sweep import apply_overrides  # noqa: E402
 from configs.digits import get_config  # noqa: E402
 from emd_jax.distill import methods  # noqa: E402
@@ -98,17 +99,6 @@ def plot(rows: list[dict], teacher_std: float, out: str, title: str) -> None:
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   fig.savefig(out, dpi=110)
-
-
-TABLE = (
-  ("FD / T", "fd_ratio", "{:.2f}"),
-  ("pixel FD / T", "fd_pixel_ratio", "{:.2f}"),
-  ("KID / T", "kid_ratio", "{:.2f}"),
-  ("pixel KID / T", "kid_pixel_ratio", "{:.2f}"),
-  ("recall - T", "recall_diff", "{:+.3f}"),
-  ("class TV - T", "class_tv_diff", "{:+.3f}"),
-  ("pixel std / T", "pixel_std_ratio", "{:.3f}"),
-)
 
 
 def table(rows: list[dict]) -> str:
