@@ -39,10 +39,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs.digits import get_config  # noqa: E402
 from emd_jax import teachers  # noqa: E402
-from emd_jax import train as train_lib  # noqa: E402
 from emd_jax.evaluators import grids  # noqa: E402
 from emd_jax.evaluators import images as image_eval  # noqa: E402
-from emd_jax.export import load_sampler  # noqa: E402
+from emd_jax.formats.generator_export import load_sampler  # noqa: E402
+from emd_jax.jobs import distill as train_lib  # noqa: E402
 from emd_jax.sample import sample_teacher  # noqa: E402
 
 DEFAULT_METHODS = "emd_sim,emd,sim,sid,di,dmd"

@@ -36,8 +36,8 @@ from benchmarks.digits_sweep import apply_overrides  # noqa: E402
 from benchmarks.fidelity_common import train_recording  # noqa: E402
 from configs.digits import get_config  # noqa: E402
 from emd_jax import teachers  # noqa: E402
-from emd_jax import train as train_lib  # noqa: E402
 from emd_jax.distill import methods  # noqa: E402
+from emd_jax.jobs import distill as train_lib  # noqa: E402
 from emd_jax.sample import sample_teacher  # noqa: E402
 
 TRAJECTORY = ("fd", "fd_pixel", "recall", "pixel_std_ratio_real", "class_tv")

@@ -38,9 +38,9 @@ sys.path.insert(0, ROOT)
 from benchmarks.digits import score_sets  # noqa: E402
 from benchmarks.digits_sweep import apply_overrides  # noqa: E402
 from configs.digits import get_config  # noqa: E402
-from emd_jax import checkpoint as ckpt_lib  # noqa: E402
-from emd_jax import train as train_lib  # noqa: E402
-from emd_jax.export import load_sampler  # noqa: E402
+from emd_jax.formats.generator_export import load_sampler  # noqa: E402
+from emd_jax.jobs import distill as train_lib  # noqa: E402
+from emd_jax.runtime import checkpoint as ckpt_lib  # noqa: E402
 
 
 def weighted_mean(trees: dict, weights: dict):

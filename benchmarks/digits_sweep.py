@@ -32,8 +32,8 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.digits import score_sets  # noqa: E402
 from configs.digits import get_config  # noqa: E402
-from emd_jax import train as train_lib  # noqa: E402
-from emd_jax.export import load_sampler  # noqa: E402
+from emd_jax.formats.generator_export import load_sampler  # noqa: E402
+from emd_jax.jobs import distill as train_lib  # noqa: E402
 
 
 def apply_overrides(config, overrides: dict) -> None:

@@ -31,10 +31,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs.digits import get_config  # noqa: E402
-from emd_jax import parallel, train  # noqa: E402
 from emd_jax.diffusion import dsm_loss_at  # noqa: E402
 from emd_jax.distill import methods  # noqa: E402
 from emd_jax.distill.state import create_state  # noqa: E402
+from emd_jax.jobs import distill as train  # noqa: E402
+from emd_jax.runtime import parallel  # noqa: E402
 
 
 def build(method: str, fake_steps: int, loop: str, batch: int):

@@ -138,7 +138,7 @@ def final_arrays(workdir: str, step: int):
   import jax
   import orbax.checkpoint as ocp
 
-  from emd_jax import checkpoint as ckpt_lib
+  from emd_jax.runtime import checkpoint as ckpt_lib
 
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
   out = ck._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))

@@ -11,7 +11,7 @@ from collections.abc import Callable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from emd_jax import train as train_lib  # noqa: E402
+from emd_jax.jobs import distill as train_lib  # noqa: E402
 
 
 def train_recording(config, workdir: str, pick: Callable[[dict], dict]) -> tuple[dict, float, list[dict]]:

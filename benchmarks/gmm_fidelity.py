@@ -28,7 +28,7 @@ from benchmarks.digits_sweep import apply_overrides  # noqa: E402
 from benchmarks.fidelity_common import train_recording  # noqa: E402
 from benchmarks.gmm_methods import score_sets  # noqa: E402
 from configs.gmm import get_config  # noqa: E402
-from emd_jax import train as train_lib  # noqa: E402
+from emd_jax.jobs import distill as train_lib  # noqa: E402
 from emd_jax.sample import sample_teacher  # noqa: E402
 from emd_jax.teachers import gmm  # noqa: E402
 

@@ -6,9 +6,9 @@ For each preset of `emd_jax.distill.methods.PRESETS` (ALGORITHMS.md section 6):
      train step of each method, timed for `--probe_seconds` after compilation
      (random student weights: the rate does not depend on their values);
   2. `total_steps = seconds * rate` (or `--steps` for a fixed count), then
-     `emd_jax.train.train_and_evaluate(config, WORKDIR/<method>)`: the real
+     `emd_jax.jobs.distill.train_and_evaluate(config, WORKDIR/<method>)`: the real
      run, surrogate fit included, from the default `configs/gmm.py`;
-  3. the export is reloaded with `emd_jax.export.load_sampler` and scored with
+  3. the export is reloaded with `emd_jax.formats.generator_export.load_sampler` and scored with
      `emd_jax.evaluators.gmm.gmm_metrics` on `--num_samples` samples (the same
      latents for every method).
 
@@ -44,13 +44,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs.gmm import get_config  # noqa: E402
-from emd_jax import train as train_lib  # noqa: E402
-from emd_jax.config_validation import validate_distill  # noqa: E402
+from emd_jax.config.validation import validate_distill  # noqa: E402
 from emd_jax.distill.methods import PRESETS  # noqa: E402
 from emd_jax.distill.state import create_state  # noqa: E402
 from emd_jax.distill.step import make_train_step  # noqa: E402
 from emd_jax.evaluators.gmm import gmm_metrics  # noqa: E402
-from emd_jax.export import load_sampler  # noqa: E402
+from emd_jax.formats.generator_export import load_sampler  # noqa: E402
+from emd_jax.jobs import distill as train_lib  # noqa: E402
 from emd_jax.sample import sample_teacher  # noqa: E402
 from emd_jax.teachers import gmm  # noqa: E402
 

@@ -28,8 +28,10 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from emd_jax import checkpoint as ckpt_lib  # noqa: E402
-from emd_jax import nets, parallel, train  # noqa: E402
+from emd_jax import nets
+from emd_jax.jobs import distill as train  # noqa: E402
+from emd_jax.runtime import checkpoint as ckpt_lib  # noqa: E402
+from emd_jax.runtime import parallel
 from emd_jax.teachers.base import Teacher  # noqa: E402
 
 ADM64 = dict(arch="dhariwal_unet", precond="edm", img_resolution=64, in_channels=3, out_channels=3, label_dim=1000)

@@ -28,10 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emd_jax import nets, parallel, train
-from emd_jax.config_defaults import distill_config
+from emd_jax import nets
+from emd_jax.config.defaults import distill_config
 from emd_jax.diffusion import dsm_loss_at
 from emd_jax.distill.state import create_state
+from emd_jax.jobs import distill as train
+from emd_jax.runtime import parallel
 from emd_jax.teachers import network
 
 UNET = dict(

@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emd_jax import convert, diffusion, torch_pickle
+from emd_jax import convert, diffusion
+from emd_jax.formats import torch_pickle
 from emd_jax.nets import build
 
 # EDM's published configurations (train.py) and tiny versions of them.

@@ -4,7 +4,7 @@ For each task (Gaussian deblurring, random inpainting; settings of
 `configs/ud2m_digits_{deblur,inpaint}.py`):
 
   1. the UD2M sampler export (`--{task}_export`); with `--train_steps N` and
-     no export yet, it is trained first with `emd_jax.posterior.train`
+     no export yet, it is trained first with `emd_jax.jobs.ud2m`
      (the config's settings, N steps, into `--workdir/<task>`);
   2. held-out images: the digits test split (297 images, 16x16, never seen in
      training), one fixed measurement per image (`--seed`);
@@ -49,15 +49,17 @@ sys.path.insert(0, ROOT)
 
 from emd_jax.evaluators import digits_classifier as dc  # noqa: E402
 from emd_jax.evaluators.grids import image_grid, save_png  # noqa: E402
+from emd_jax.evaluators.restoration import psnr, ssim  # noqa: E402
+from emd_jax.formats import ud2m_export as export_lib  # noqa: E402
 from emd_jax.posterior import baselines  # noqa: E402
-from emd_jax.posterior import export as export_lib  # noqa: E402
-from emd_jax.posterior.metrics import psnr, ssim  # noqa: E402
 
 TASKS = {"deblur": "ud2m_digits_deblur", "inpaint": "ud2m_digits_inpaint"}
 # Tuning grids, wide enough that the chosen values are inside them (not on an edge) for the
 # digits tasks; the md table names the chosen values.
 DIFFPIR_GRID = list(itertools.product([0.1, 0.3, 1.0, 3.0, 7.0, 20.0], [0.3, 0.6, 1.0]))  # (lambda, zeta)
-ZERO_SHOT_GRID = list(itertools.product([0.125, 0.25, 0.5, 1.0, 2.0], [0.3, 1.0, 3.0, 10.0]))  # (t_delta_max, lam / t_delta^2)
+ZERO_SHOT_GRID = list(
+  itertools.product([0.125, 0.25, 0.5, 1.0, 2.0], [0.3, 1.0, 3.0, 10.0])
+)  # (t_delta_max, lam / t_delta^2)
 
 
 def load_config(name: str, arg: str = ""):
@@ -72,7 +74,7 @@ def ensure_export(task: str, export_dir: str | None, workdir: str, train_steps: 
     return export_dir
   if not train_steps:
     raise SystemExit(f"no export for {task} ({export_dir}); pass --train_steps N to train one")
-  from emd_jax.posterior import train as ud2m
+  from emd_jax.jobs import ud2m
 
   c = load_config(TASKS[task])
   c.total_steps = train_steps

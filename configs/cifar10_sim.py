@@ -16,7 +16,7 @@ pass-equivalent -> ~18 TFLOP per step. On a v4-8 (8 chips, ~275 bf16 TFLOP/s eac
 that is roughly 20 steps/s; the paper reports convergence within a few hundred thousand steps.
 """
 
-from emd_jax.config_defaults import distill_config, noise, shrink_for_tests
+from emd_jax.config.defaults import distill_config, noise, shrink_for_tests
 
 
 def get_config(arg: str = ""):

@@ -24,13 +24,13 @@ Expected compute: see docs/digits.md (the former default, at the same 14 network
 step, took 12 min 59 s end to end on 2 CPU cores).
 `configs/digits.py:tiny` is a seconds-long variant for the tests.
 
-The field set is `emd_jax.config_defaults.distill_config()`, shared with every
+The field set is `emd_jax.config.defaults.distill_config()`, shared with every
 distillation config; this file only changes the teacher, the budget and the evaluation.
 """
 
 import ml_collections
 
-from emd_jax.config_defaults import distill_config
+from emd_jax.config.defaults import distill_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -10,7 +10,7 @@ so these are this project's starting point. Expected compute: the DDPM++ 64x64 n
 passes), ~5 steps/s on a v4-8 at 40% MFU.
 """
 
-from emd_jax.config_defaults import sim64_config
+from emd_jax.config.defaults import sim64_config
 
 
 def get_config(arg: str = ""):

@@ -18,7 +18,7 @@ Measured quality and the tuning behind these values: docs/gmm_results.md.
 
 import ml_collections
 
-from emd_jax.config_defaults import distill_config, noise
+from emd_jax.config.defaults import distill_config, noise
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

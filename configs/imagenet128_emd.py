@@ -13,7 +13,7 @@ Expected compute (per step, batch 512, K = 8): as ImageNet-64 with 4x the pixels
 per step; ~3 steps/s on 128 TPU-v5p at ~40% MFU. bf16, remat and FSDP are on.
 """
 
-from emd_jax.config_defaults import emd_imagenet_config
+from emd_jax.config.defaults import emd_imagenet_config
 
 
 def get_config(arg: str = ""):

@@ -16,7 +16,7 @@ plus generator fwd+bwd and fake fwd+bwd: ~20 network passes of ~100 GFLOP per 64
 (`compute_dtype`, set below) and FSDP (`mesh.fsdp`) for the 296M-parameter networks.
 """
 
-from emd_jax.config_defaults import emd_imagenet_config
+from emd_jax.config.defaults import emd_imagenet_config
 
 
 def get_config(arg: str = ""):

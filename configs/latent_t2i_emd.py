@@ -18,7 +18,7 @@ Expected compute: with a ~600M-parameter latent U-Net/DiT at 64x64x4, K = 8 and 
 ~10 PFLOP per step; ~1 step/s on 256 TPU-v5e at 40% MFU (EMD reports 5 hours for 5000 steps).
 """
 
-from emd_jax.config_defaults import distill_config, noise, shrink_for_tests
+from emd_jax.config.defaults import distill_config, noise, shrink_for_tests
 
 
 def get_config(arg: str = ""):

@@ -40,7 +40,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.data.split = "train"
   c.data.data_dir = config_dict.placeholder(str)
 
-  # The measurement: a task (emd_jax.posterior.export.TASKS) and its operator settings;
+  # The measurement: a task (emd_jax.formats.ud2m_export.TASKS) and its operator settings;
   # only the settings the task's operator takes are used.
   c.task = task
   c.sigma_y = 0.05  # measurement noise std, [-1, 1] image units
@@ -89,7 +89,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.loss.adversarial_weight = 0.01
 
   # Perceptual features: "digits_classifier" (the shipped classifier's penultimate layer),
-  # "none", or a name registered in emd_jax.posterior.train.PERCEPTUAL (e.g. "lpips", see docs/ud2m.md).
+  # "none", or a name registered in emd_jax.jobs.ud2m.PERCEPTUAL (e.g. "lpips", see docs/ud2m.md).
   c.perceptual = ml_collections.ConfigDict()
   c.perceptual.kind = "digits_classifier"
   c.perceptual.weights = ""  # weights file for registered features (LPIPS); unused by the classifier

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from absl import app, flags, logging
 
 from emd_jax.errors import UserError, one_line
-from emd_jax.preemption import PREEMPTED_EXIT_CODE, Preempted
+from emd_jax.runtime.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 USAGE_EXIT_CODE = 2
 DEBUG_FLAG = "--debug"

@@ -5,7 +5,7 @@
 
 `--edm` reads a network pickle as NVlabs/edm publishes it (a dict whose 'ema'
 entry is the pickled network) with the restricted unpickler of
-`emd_jax.torch_pickle`: neither torch nor EDM's code is needed and nothing in
+`emd_jax.formats.torch_pickle`: neither torch nor EDM's code is needed and nothing in
 the file is executed. The architecture comes from the constructor arguments
 EDM's persistence module recorded. `--state_dict` reads a torch state dict
 (`.pt`, zip or legacy format, also without torch); its architecture is given
@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emd_jax import cli, fileio, torch_pickle
+from emd_jax import cli
 from emd_jax.errors import UnsafePickleError, UserInputError, one_line
+from emd_jax.formats import fileio, torch_pickle
 
 _PRECOND_NAMES = {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve"}
 _ARCH_NAMES = {"SongUNet": "song_unet", "DhariwalUNet": "dhariwal_unet"}

@@ -10,7 +10,7 @@ what is wrong with it, e.g. `x.npz: 'images' holds 3 non-finite values`.
   malformed npz, JSON, msgpack, pickle, export or teacher directory). It is a
   `ValueError` too, so callers that caught `ValueError` keep working.
 - `UnsafePickleError`: a pickle asked for a global outside the allowlist, or
-  to allocate more than the size limit (`emd_jax.torch_pickle`). It is a
+  to allocate more than the size limit (`emd_jax.formats.torch_pickle`). It is a
   `pickle.UnpicklingError` too.
 """
 

@@ -44,9 +44,9 @@ _FLAGS = define_flags()
 
 # job name -> "module:function(config, workdir)"
 JOBS = {
-  "distill": "emd_jax.train:train_and_evaluate",
-  "teacher": "emd_jax.teacher_train:train_and_evaluate",
-  "ud2m": "emd_jax.posterior.train:train_and_evaluate",
+  "distill": "emd_jax.jobs.distill:train_and_evaluate",
+  "teacher": "emd_jax.jobs.teacher:train_and_evaluate",
+  "ud2m": "emd_jax.jobs.ud2m:train_and_evaluate",
 }
 
 
@@ -78,7 +78,7 @@ def main(argv, holders: dict | None = None):
     raise app.UsageError("--workdir is required")
   import jax
 
-  from emd_jax import parallel, preemption
+  from emd_jax.runtime import parallel, preemption
 
   parallel.initialize_distributed(f["coordinator_address"].value, f["num_processes"].value, f["process_id"].value)
   if jax.process_count() == 1 and holders is None:  # multi-process: JAX's preemption service owns SIGTERM
@@ -88,8 +88,8 @@ def main(argv, holders: dict | None = None):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-  from emd_jax.config_validation import ConfigError
-  from emd_jax.train import TrainingError
+  from emd_jax.config.validation import ConfigError
+  from emd_jax.jobs.distill import TrainingError
 
   return (ConfigError, TrainingError)
 

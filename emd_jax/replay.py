@@ -26,10 +26,11 @@ def replay_step(config: ml_collections.ConfigDict, workdir: str, step: int) -> d
   Returns `{"state": input state, "key": the update's key, "metrics": its metrics,
   "from_checkpoint": the step restored (None: from initialisation)}`.
   """
-  from emd_jax import checkpoint as ckpt_lib
-  from emd_jax import faults, parallel, train
   from emd_jax.distill.state import create_state
   from emd_jax.errors import UserError
+  from emd_jax.jobs import distill as train
+  from emd_jax.runtime import checkpoint as ckpt_lib
+  from emd_jax.runtime import faults, parallel
 
   config = ml_collections.ConfigDict(config)
   train.validate_distill(config)
@@ -107,7 +108,7 @@ def main(argv: list[str], holders: dict) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-  from emd_jax.config_validation import ConfigError
+  from emd_jax.config.validation import ConfigError
 
   return (ConfigError, ValueError)
 

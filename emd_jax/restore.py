@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from emd_jax import fileio
 from emd_jax.cli import UserError, run_app
+from emd_jax.formats import fileio
 
 Array = jax.Array
 
@@ -120,9 +120,9 @@ def run(
 ) -> dict:
   """The CLI as a function: writes `out_path`; returns `{"psnr", "ssim", "nfe", "seconds_per_image"}`."""
   from emd_jax import teachers
-  from emd_jax.posterior import export as export_lib
+  from emd_jax.evaluators.restoration import psnr, ssim
+  from emd_jax.formats import ud2m_export as export_lib
   from emd_jax.posterior import operators as ops
-  from emd_jax.posterior.metrics import psnr, ssim
 
   if not sampler_dir and not baseline:
     raise UserError("give --sampler DIR (a UD2M export) or --baseline NAME")

@@ -25,8 +25,8 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from emd_jax import fileio
 from emd_jax.errors import UserError, UserInputError
+from emd_jax.formats import fileio
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS, sys_argv: list[str] | None = None) -> dict:
@@ -127,7 +127,7 @@ def main(argv: list[str], holders: dict | None = None) -> None:
   rng = jax.random.key(v["seed"])
   # Everything is read and checked before any compute; nothing is written before the samples exist.
   if v["generator"]:
-    from emd_jax.export import load_sampler
+    from emd_jax.formats.generator_export import load_sampler
 
     sampler = load_sampler(v["generator"])
     data_shape, num_classes = sampler.data_shape, sampler.num_classes

@@ -26,9 +26,10 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from emd_jax import cli, convert, nets, replay, restore, sample, torch_pickle
-from emd_jax import export as export_lib
+from emd_jax import cli, convert, nets, replay, restore, sample
 from emd_jax import main as main_lib
+from emd_jax.formats import generator_export as export_lib
+from emd_jax.formats import torch_pickle
 from emd_jax.teachers import network
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

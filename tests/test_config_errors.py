@@ -154,7 +154,7 @@ def test_required_flags(tmp_path, capsys):
 
 def test_good_teacher_checkpoint_passes_validation(teachers_dir):
   from configs.gmm import get_config
-  from emd_jax.config_validation import validate_distill
+  from emd_jax.config.validation import validate_distill
 
   c = get_config("tiny")
   c.teacher.kind = "checkpoint"

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emd_jax import convert, diffusion, teachers, torch_pickle
+from emd_jax import convert, diffusion, teachers
+from emd_jax.formats import torch_pickle
 from emd_jax.nets import edm_unet
 from emd_jax.teachers import network
 

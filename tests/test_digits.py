@@ -11,7 +11,9 @@ import pytest
 
 from configs import digits as digits_config
 from configs.teacher_digits import get_config as teacher_config
-from emd_jax import nets, teacher_train, train
+from emd_jax import nets
+from emd_jax.jobs import distill as train
+from emd_jax.jobs import teacher as teacher_train
 from emd_jax.teachers import network
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -50,7 +50,9 @@ def test_default_targets_select_attention_and_output():
   by_fn = lora.select_targets(params, lambda path, leaf: leaf.ndim == 4)
   assert by_fn == ["out_conv/kernel"]
   every = lora.select_targets(params, lora.ALL_TARGETS)  # every kernel, no bias or scale
-  kernels = [k for k, v in traverse_util.flatten_dict(params, sep="/").items() if k.endswith("kernel") and v.ndim in (2, 4)]
+  kernels = [
+    k for k, v in traverse_util.flatten_dict(params, sep="/").items() if k.endswith("kernel") and v.ndim in (2, 4)
+  ]
   assert sorted(every) == sorted(kernels) and len(every) > 2
 
 

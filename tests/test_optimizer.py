@@ -25,9 +25,7 @@ def _cfg(**kw):
     (dict(decay="linear", end_factor=0.1), lambda t: 1e-3 * (1 - 0.9 * min(t, 100) / 100)),
     (
       dict(decay="cosine", end_factor=0.2, warmup_steps=20),
-      lambda t: 1e-3 * t / 20
-      if t < 20
-      else 1e-3 * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * min(t - 20, 80) / 80))),
+      lambda t: 1e-3 * t / 20 if t < 20 else 1e-3 * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * min(t - 20, 80) / 80))),
     ),
   ],
   ids=["constant", "warmup", "cosine", "linear_end", "warmup_cosine_end"],

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emd_jax import nets, train
+from emd_jax import nets
+from emd_jax.jobs import distill as train
 from emd_jax.teachers import network
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +95,7 @@ def test_paper_config_runs_two_steps(name, variant, arch, teacher_dir, tmp_path)
 
 
 def test_paper_configs_need_a_teacher():
-  from emd_jax.config_validation import ConfigError
+  from emd_jax.config.validation import ConfigError
 
   c = _load_config("cifar10_sim", "")
   with pytest.raises(ConfigError, match="teacher.checkpoint"):

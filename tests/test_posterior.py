@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emd_jax.posterior import baselines, metrics, unfolded
+from emd_jax.evaluators import restoration as metrics
+from emd_jax.posterior import baselines, unfolded
 from emd_jax.posterior import gaussian as gs
 from emd_jax.posterior import operators as ops
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from configs.gmm import get_config
-from emd_jax import checkpoint as ckpt_lib
-from emd_jax import loop, train
-from emd_jax.preemption import PREEMPTED_EXIT_CODE, Preempted
+from emd_jax.jobs import distill as train
+from emd_jax.runtime import checkpoint as ckpt_lib
+from emd_jax.runtime import loop
+from emd_jax.runtime.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 20, 5
@@ -263,7 +264,7 @@ def test_spike_monitor():
 def test_preemption_watch_catches_sigterm_and_restores_the_handler():
   import signal
 
-  from emd_jax.preemption import PreemptionWatch
+  from emd_jax.runtime.preemption import PreemptionWatch
 
   before = signal.getsignal(signal.SIGTERM)
   with PreemptionWatch() as watch:

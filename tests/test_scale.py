@@ -12,9 +12,10 @@ import pytest
 from flax import serialization
 
 from configs.gmm import get_config
-from emd_jax import checkpoint as ckpt_lib
-from emd_jax import parallel, train
 from emd_jax.distill.state import create_state
+from emd_jax.jobs import distill as train
+from emd_jax.runtime import checkpoint as ckpt_lib
+from emd_jax.runtime import parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -10,8 +10,9 @@ import optax
 import pytest
 
 from configs.teacher_digits import get_config
-from emd_jax import nets, teacher_train, teachers
+from emd_jax import nets, teachers
 from emd_jax.diffusion import NoiseDist, dsm_loss
+from emd_jax.jobs import teacher as teacher_train
 from emd_jax.teachers.base import Teacher
 from emd_jax.teachers.guidance import guided_apply, with_guidance
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from configs.gmm import get_config
-from emd_jax import parallel, train
-from emd_jax.export import load_sampler
+from emd_jax.formats.generator_export import load_sampler
+from emd_jax.jobs import distill as train
+from emd_jax.runtime import parallel
 from emd_jax.teachers.base import Teacher
 from emd_jax.teachers.gmm import gmm_teacher
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from emd_jax import cli, restore
+from emd_jax.formats import ud2m_export as export_lib
+from emd_jax.jobs import ud2m
 from emd_jax.nets import build
 from emd_jax.nets import lora as lora_lib
-from emd_jax.posterior import export as export_lib
-from emd_jax.posterior import train as ud2m
 from emd_jax.teachers import network
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

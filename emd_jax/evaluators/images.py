@@ -1,7 +1,7 @@
 """Glue shared by the image jobs: score generated images, write their grid.
 
-Teacher pre-training (`emd_jax.teacher_train`) and distillation
-(`emd_jax.train.evaluate`) both end an evaluation the same way: the
+Teacher pre-training (`emd_jax.jobs.teacher`) and distillation
+(`emd_jax.jobs.distill.evaluate`) both end an evaluation the same way: the
 configured image evaluator's scalars for the console and TensorBoard, a sample
 grid for TensorBoard, and the same grid as `samples_step{N}.png` in the workdir.
 """

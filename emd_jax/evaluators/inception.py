@@ -316,8 +316,8 @@ def convert_torch_checkpoint(pth_path: str, npz_path: str) -> int:
     import torch
   except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("converting needs torch: pip install 'emd_jax[convert]'") from e
-  from emd_jax import fileio
   from emd_jax.errors import UserInputError
+  from emd_jax.formats import fileio
 
   fileio.require_file(pth_path, "Inception checkpoint")
   try:  # torch's own restricted loader (weights_only): it refuses code-running globals

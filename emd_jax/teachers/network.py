@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from emd_jax import fileio
 from emd_jax.errors import UserInputError
-from emd_jax.fileio import publish_dir
+from emd_jax.formats import fileio
+from emd_jax.formats.fileio import publish_dir
 from emd_jax.teachers.base import Teacher
 
 FORMAT_VERSION = 1

@@ -16,7 +16,7 @@ noise; `TASKS` holds the defaults (configs and the restore CLI override them).
 
 Loading needs only the network, LoRA and sampler code:
 
-    from emd_jax.posterior.export import load_sampler
+    from emd_jax.formats.ud2m_export import load_sampler
     s = load_sampler("runs/ud2m_deblur/export")
     y = s.observe(jax.random.key(0), x)            # x [B, H, W, C] in [-1, 1]
     x_hat = s.restore(y, jax.random.key(1))        # [B, H, W, C], N * K NFE
@@ -36,9 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from emd_jax import __version__, fileio, teachers
+from emd_jax import __version__, teachers
 from emd_jax.errors import UserInputError
-from emd_jax.fileio import publish_dir
+from emd_jax.formats import fileio
+from emd_jax.formats.fileio import publish_dir
 from emd_jax.nets import lora as lora_lib
 from emd_jax.posterior import operators as ops
 from emd_jax.posterior.unfolded import unfolded_sample

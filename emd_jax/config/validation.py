@@ -87,7 +87,7 @@ def _check_mesh(config) -> None:
 
 
 def _check_debug(debug) -> None:
-  from emd_jax.faults import KILL_PHASES
+  from emd_jax.runtime.faults import KILL_PHASES
 
   steps = debug.get("nan_at_steps") or ()
   _require(all(int(s) >= 1 for s in steps), "debug.nan_at_steps", f"step numbers must be >= 1, got {tuple(steps)}")

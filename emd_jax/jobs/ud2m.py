@@ -20,7 +20,7 @@ N x K unfolded posterior sampler for one measurement operator:
 Optimisers: AdamW (lr 1e-4, weight decay 0.01) for LoRA, the same with
 `optim.unfolded_lr_mult` x lr for the block parameters, AdamW for the critic.
 Randomness: `fold_in(PRNGKey(seed), step)` per step, so resume is exact. The
-loop (checkpoints, TensorBoard, NaN guard, preemption) is `emd_jax.loop`;
+loop (checkpoints, TensorBoard, NaN guard, preemption) is `emd_jax.runtime.loop`;
 evaluation restores held-out images with the full sampler (PSNR/SSIM and a
 clean / observed / restored grid); the end of training writes `DIR/export/`.
 """
@@ -39,17 +39,18 @@ import numpy as np
 import optax
 from flax import struct
 
-from emd_jax import checkpoint as ckpt_lib
-from emd_jax import loop, parallel, teachers
-from emd_jax import metrics as metrics_lib
-from emd_jax.config_validation import ConfigError, validate_common
+from emd_jax import teachers
+from emd_jax.config.validation import ConfigError, validate_common
 from emd_jax.distill.fake_score import keep_if
+from emd_jax.evaluators.restoration import psnr, ssim
+from emd_jax.formats import ud2m_export as export_lib
 from emd_jax.nets import lora as lora_lib
 from emd_jax.posterior import discriminator as disc_lib
-from emd_jax.posterior import export as export_lib
 from emd_jax.posterior import operators as ops
-from emd_jax.posterior.metrics import psnr, ssim
 from emd_jax.posterior.unfolded import default_unfolded_params, unfolded_sample, unfolded_training_loss
+from emd_jax.runtime import checkpoint as ckpt_lib
+from emd_jax.runtime import logs as metrics_lib
+from emd_jax.runtime import loop, parallel
 from emd_jax.teachers.base import Teacher
 
 Array = jax.Array
@@ -74,7 +75,7 @@ def _lpips_unavailable(_cfg):
   raise ConfigError(
     "perceptual.kind",
     "'lpips' needs an implementation and its weights: register a factory in "
-    "emd_jax.posterior.train.PERCEPTUAL['lpips'] (docs/ud2m.md), or use 'none' / 'digits_classifier'",
+    "emd_jax.jobs.ud2m.PERCEPTUAL['lpips'] (docs/ud2m.md), or use 'none' / 'digits_classifier'",
   )
 
 

@@ -5,7 +5,7 @@ dtype, number of classes, the training config, format and package versions)
 and `params.msgpack` (Flax-serialised parameters). Loading needs only the
 network code: no training module is imported.
 
-    from emd_jax.export import load_sampler
+    from emd_jax.formats.generator_export import load_sampler
     sampler = load_sampler("runs/gmm/export")
     x = sampler.sample(jax.random.key(0), 1000)          # [1000, *data_shape]
 """
@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from emd_jax import __version__, fileio, nets
+from emd_jax import __version__, nets
 from emd_jax.errors import UserInputError, one_line
-from emd_jax.fileio import publish_dir
+from emd_jax.formats import fileio
+from emd_jax.formats.fileio import publish_dir
 
 FORMAT_VERSION = 1
 SPEC_FILE = "generator.json"

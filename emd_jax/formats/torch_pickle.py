@@ -132,7 +132,7 @@ class _Budget:
     if nbytes < 0 or nbytes > self.left:
       raise UnsafePickleError(
         f"refusing to allocate {nbytes:,} bytes for {what}: over the size limit of {self.limit:,} bytes "
-        "(emd_jax.torch_pickle.MAX_ALLOC_BYTES)"
+        "(emd_jax.formats.torch_pickle.MAX_ALLOC_BYTES)"
       )
     self.left -= nbytes
 
@@ -346,7 +346,7 @@ def load_file(path: str) -> Any:
   if size > MAX_FILE_BYTES:
     raise UnsafePickleError(
       f"refusing to read {size:,} bytes: over the file size limit of {MAX_FILE_BYTES:,} "
-      "(emd_jax.torch_pickle.MAX_FILE_BYTES)"
+      "(emd_jax.formats.torch_pickle.MAX_FILE_BYTES)"
     )
   with open(path, "rb") as fh:
     data = fh.read()

@@ -23,10 +23,10 @@ from typing import Any
 import jax
 from absl import logging
 
-from emd_jax import checkpoint as ckpt_lib
-from emd_jax import metrics as metrics_lib
-from emd_jax import preemption
-from emd_jax.faults import FaultPlan
+from emd_jax.runtime import checkpoint as ckpt_lib
+from emd_jax.runtime import logs as metrics_lib
+from emd_jax.runtime import preemption
+from emd_jax.runtime.faults import FaultPlan
 
 
 class TrainingError(RuntimeError):

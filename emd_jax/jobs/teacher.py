@@ -30,13 +30,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from emd_jax import checkpoint as ckpt_lib
-from emd_jax import loop, nets, parallel
-from emd_jax import metrics as metrics_lib
-from emd_jax.config_validation import ConfigError, validate_common
+from emd_jax import nets
+from emd_jax.config.validation import ConfigError, validate_common
 from emd_jax.diffusion import dsm_loss, heun_sample, noise_dist_from_config
 from emd_jax.distill.fake_score import all_finite, keep_if
 from emd_jax.distill.state import make_optimizer
+from emd_jax.runtime import checkpoint as ckpt_lib
+from emd_jax.runtime import logs as metrics_lib
+from emd_jax.runtime import loop, parallel
 from emd_jax.teachers.guidance import guided_apply
 
 Array = jax.Array
@@ -269,7 +270,7 @@ def save_teacher(config, spec: dict, state: TeacherState, quality: dict, path: s
 
   keys = ("fd", "fd_real_split", "precision", "recall", "coverage", "class_tv", "label_accuracy")
   meta = {
-    "source": f"emd_jax.teacher_train (config {config.get('name', '?')}, step {int(state.step)}, seed {config.seed})",
+    "source": f"emd_jax.jobs.teacher (config {config.get('name', '?')}, step {int(state.step)}, seed {config.seed})",
     "quality": {
       **{k: float(quality[k]) for k in keys if k in quality},
       "sampler": f"heun {config.eval.num_steps} steps ({2 * config.eval.num_steps - 1} NFE)",

@@ -1,0 +1,1 @@
+"""File formats: validated readers, atomic writes, exports, restricted unpickling."""

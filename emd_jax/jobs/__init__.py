@@ -1,0 +1,1 @@
+"""The training jobs (`config.job`): distillation, teacher pre-training, UD2M."""
