@@ -7,7 +7,7 @@ import optax
 from gaussian_models import gaussian_denoiser_apply
 
 from emd_jax.diffusion import NoiseDist
-from emd_jax.distill.fake_score import fake_dsm_update
+from emd_jax.distill.fake_score import dsm_loss_and_grad
 from emd_jax.nets.mlp import MLPDenoiser
 
 
@@ -22,10 +22,11 @@ def test_fake_dsm_converges_to_exact_gaussian_denoiser():
 
   def body(carry, key):
     p, opt = carry
-    k_x, k_u = jax.random.split(key)
+    k_x, k_s, k_n = jax.random.split(key, 3)
     x = gen["mean"] + jax.random.normal(k_x, (256, 2)) @ chol.T  # fixed generator's samples
-    p, opt, loss, _, ok = fake_dsm_update(apply, tx, p, opt, x, k_u, dist)
-    return (p, opt), loss
+    loss, grads = dsm_loss_and_grad(apply, p, x, dist.sample(k_s, (256,)), jax.random.normal(k_n, x.shape), None, 0.5)
+    updates, opt = tx.update(grads, opt, p)
+    return (optax.apply_updates(p, updates), opt), loss
 
   @jax.jit
   def train(p):

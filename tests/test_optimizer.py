@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from emd_jax.distill.state import lr_schedule, make_optimizer
+from emd_jax.training.optimizer import lr_schedule, make_optimizer
 
 
 def _cfg(**kw):

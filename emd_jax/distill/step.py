@@ -28,9 +28,10 @@ import optax
 
 from emd_jax.diffusion import NoiseDist, Schedule
 from emd_jax.distill.estep import langevin_estep
-from emd_jax.distill.fake_score import all_finite, dsm_loss_and_grad, keep_if
+from emd_jax.distill.fake_score import dsm_loss_and_grad
 from emd_jax.distill.losses import LossSpec, generator_loss
 from emd_jax.distill.state import DistillState
+from emd_jax.training.guard import all_finite, keep_if
 
 Array = jax.Array
 

@@ -19,7 +19,7 @@ from emd_jax import nets, teachers
 from emd_jax.config.validation import validate_distill
 from emd_jax.diffusion import Schedule, noise_dist_from_config
 from emd_jax.distill.losses import LossSpec
-from emd_jax.distill.state import DistillState, create_state, make_optimizer
+from emd_jax.distill.state import DistillState, create_state
 from emd_jax.distill.step import StepConfig, make_train_step
 from emd_jax.formats import generator_export as export_lib
 from emd_jax.runtime import checkpoint as ckpt_lib
@@ -27,6 +27,7 @@ from emd_jax.runtime import faults, loop, parallel
 from emd_jax.runtime import logs as metrics_lib
 from emd_jax.runtime.loop import TrainingError  # noqa: F401  (re-exported for callers)
 from emd_jax.teachers.base import Teacher
+from emd_jax.training.optimizer import make_optimizer
 
 
 @dataclasses.dataclass

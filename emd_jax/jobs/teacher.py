@@ -33,12 +33,12 @@ import optax
 from emd_jax import nets
 from emd_jax.config.validation import ConfigError, validate_common
 from emd_jax.diffusion import dsm_loss, heun_sample, noise_dist_from_config
-from emd_jax.distill.fake_score import all_finite, keep_if
-from emd_jax.distill.state import make_optimizer
 from emd_jax.runtime import checkpoint as ckpt_lib
 from emd_jax.runtime import logs as metrics_lib
 from emd_jax.runtime import loop, parallel
 from emd_jax.teachers.guidance import guided_apply
+from emd_jax.training.guard import all_finite, keep_if
+from emd_jax.training.optimizer import make_optimizer
 
 Array = jax.Array
 

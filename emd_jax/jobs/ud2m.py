@@ -41,7 +41,6 @@ from flax import struct
 
 from emd_jax import teachers
 from emd_jax.config.validation import ConfigError, validate_common
-from emd_jax.distill.fake_score import keep_if
 from emd_jax.evaluators.restoration import psnr, ssim
 from emd_jax.formats import ud2m_export as export_lib
 from emd_jax.nets import lora as lora_lib
@@ -52,6 +51,7 @@ from emd_jax.runtime import checkpoint as ckpt_lib
 from emd_jax.runtime import logs as metrics_lib
 from emd_jax.runtime import loop, parallel
 from emd_jax.teachers.base import Teacher
+from emd_jax.training.guard import keep_if
 
 Array = jax.Array
 

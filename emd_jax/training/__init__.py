@@ -1,0 +1,1 @@
+"""Pieces every training step shares: optimizers and schedules, EMA, the non-finite guard."""
