@@ -5,7 +5,7 @@
   python launch/tpu_vm.py setup   --name emd-v4 --zone us-central2-b --copy_from .
   python launch/tpu_vm.py run     --name emd-v4 --zone us-central2-b \\
       --config configs/imagenet64_emd.py --bucket gs://my-bucket --run_name in64 \\
-      [--restart_on_preemption --copy_from .] [--config.training.batch_size=512]
+      [--restart_on_preemption --copy_from .] [--config.batch_size=512]
   python launch/tpu_vm.py logs    --name emd-v4 --zone us-central2-b --run_name in64 --follow
   python launch/tpu_vm.py delete  --name emd-v4 --zone us-central2-b
 

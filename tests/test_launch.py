@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
@@ -437,3 +438,20 @@ def test_watch_and_relaunch_reruns_after_trainer_preemption_exit_75():
   runner = ScriptedRunner([(0, "READY"), (0, "75")])
   with pytest.raises(LaunchError, match="gave up"):
     tpu_vm.watch_and_relaunch(runner, spec, src, run, 0, 0, 0, lambda s: None)
+
+
+def test_documented_config_overrides_name_real_fields():
+  """Every `--config.<field>=` in the launchers' docs and docstrings is a field the locked config accepts."""
+  from emd_jax.config.defaults import distill_config
+
+  fields = set()
+  for rel in ("launch/README.md", "launch/tpu_vm.py", "launch/local.py"):
+    text = (pathlib.Path(__file__).resolve().parents[1] / rel).read_text()
+    fields |= {m for m in re.findall(r"--config\.([a-z_][a-z0-9_.]*)=", text)}
+  assert fields, "no documented overrides found"
+  config = distill_config()
+  for field in sorted(fields):
+    node = config
+    for part in field.split("."):
+      assert part in node, f"--config.{field}: no such field ({part!r} missing)"
+      node = node[part]
