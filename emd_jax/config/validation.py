@@ -3,6 +3,10 @@
 `config_flags` (with a locked config) already rejects unknown keys and values
 of the wrong type on the command line; this module checks what types cannot:
 names, ranges and combinations. Every error names the field.
+
+This is the one place that checks a rule on a distillation config's values:
+`methods.resolve` and the typed step settings built from the checked config
+(`emd_jax.distill.step.StepConfig`) trust them.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from emd_jax.distill import methods
 from emd_jax.distill.distances import DISTANCES
 from emd_jax.distill.losses import LOSSES, WEIGHTS
+from emd_jax.distill.step import FAKE_LOOPS, GAMMA_Z_SCALINGS, REMAT_POLICIES
 from emd_jax.errors import UserInputError
 
 
@@ -122,15 +127,23 @@ def validate_distill(config) -> None:
   if config.estep.num_steps > 0:
     _require(0 < config.estep.gamma_eps <= 1, "estep.gamma_eps", f"must be in (0, 1], got {config.estep.gamma_eps}")
     _require(config.estep.gamma_z >= 0, "estep.gamma_z", f"must be >= 0, got {config.estep.gamma_z}")
-    _require(
-      config.estep.gamma_z_scaling in ("constant", "sigma2"), "estep.gamma_z_scaling", "must be 'constant' or 'sigma2'"
-    )
+  scaling = config.estep.gamma_z_scaling
+  _require(scaling in GAMMA_Z_SCALINGS, "estep.gamma_z_scaling", f"must be 'constant' or 'sigma2', got {scaling!r}")
   _require(config.schedule in ("ve", "vp"), "schedule", f"must be 've' or 'vp', got {config.schedule!r}")
   _require(config.generator.sigma_init > 0, "generator.sigma_init", f"must be > 0, got {config.generator.sigma_init}")
   _require(0 <= config.generator.ema_decay < 1, "generator.ema_decay", "must be in [0, 1)")
   _require(config.fake.steps_per_gen_step >= 1, "fake.steps_per_gen_step", "must be >= 1")
   loop = config.fake.get("loop", "auto")
-  _require(loop in ("auto", "unroll", "scan"), "fake.loop", f"must be 'auto', 'unroll' or 'scan', got {loop!r}")
+  _require(loop in FAKE_LOOPS, "fake.loop", f"must be 'auto', 'unroll' or 'scan', got {loop!r}")
+  accum = config.get("grad_accum_steps", 1)
+  _require(accum >= 1, "grad_accum_steps", f"must be >= 1, got {accum}")
+  _require(
+    config.batch_size % accum == 0,
+    "grad_accum_steps",
+    f"{accum} does not divide batch_size={config.batch_size} into equal micro-batches",
+  )
+  remat = config.get("remat", "none")
+  _require(remat in REMAT_POLICIES, "remat", f"must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
   _check_optimizer(config.generator, "generator")
   _check_optimizer(config.fake, "fake")
   _check_noise(config.fake.noise, "fake.noise")

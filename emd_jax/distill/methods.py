@@ -24,10 +24,10 @@ PRESETS: dict[str, tuple[int, str, str, str, str]] = {
 def resolve(config) -> None:
   """Fills unset `estep.num_steps`, `loss.name/distance/weight` from `config.method`.
 
-  Mutates `config` in place (unlock-free: only placeholder fields are set).
+  Mutates `config` in place (unlock-free: only placeholder fields are set). `config.method` must
+  be a key of `PRESETS`: `emd_jax.config.validation.validate_distill` checks it (and then calls
+  this); a bad name here is a `KeyError`.
   """
-  if config.method not in PRESETS:
-    raise ValueError(f"config.method: unknown method {config.method!r}; known: {sorted(PRESETS)}")
   num_steps, name, distance, weight, _ = PRESETS[config.method]
   if config.estep.num_steps is None:
     config.estep.num_steps = num_steps
