@@ -73,7 +73,7 @@ def test_step_reduces_loss_and_keeps_base_bit_identical(teacher_dir):
   hp["lora.targets"] = lora_lib.DEFAULT_TARGETS
   c = _config("ud2m_digits_deblur", teacher_dir, **hp)
   setup = ud2m.build_setup(c)
-  state = ud2m.init_state(setup, jax.random.PRNGKey(0))
+  state = ud2m.init_state(setup, jax.random.PRNGKey(0), jax.random.PRNGKey(1))
   base = setup.teacher.params
   base_before = jax.tree.map(np.array, base)
   from emd_jax.evaluators.digits_classifier import digits_images
@@ -97,7 +97,7 @@ def test_step_reduces_loss_and_keeps_base_bit_identical(teacher_dir):
     )
     return loss.mean()
 
-  step = jax.jit(ud2m.make_train_step(setup, jax.random.PRNGKey(1)))
+  step = jax.jit(ud2m.make_train_step(setup))
   before = float(fixed_mse(state.params))
   for _ in range(8):
     state, metrics = step(state, base, setup.feature_params, x)
