@@ -30,7 +30,7 @@ def replay_step(config: ml_collections.ConfigDict, workdir: str, step: int) -> d
   from emd_jax.errors import UserError
   from emd_jax.jobs import distill as train
   from emd_jax.runtime import checkpoint as ckpt_lib
-  from emd_jax.runtime import faults, parallel
+  from emd_jax.runtime import faults, parallel, runner
 
   config = ml_collections.ConfigDict(config)
   train.validate_distill(config)
@@ -62,7 +62,8 @@ def replay_step(config: ml_collections.ConfigDict, workdir: str, step: int) -> d
     if ck:
       ck.close()
     params = train.initial_student_params(config, setup, k_init)
-    state = jax.device_put(create_state(k_state, params, setup.tx_gen, setup.tx_fake), state_sh)
+    init = lambda p: create_state(k_state, p, setup.tx_gen, setup.tx_fake)  # noqa: E731
+    state = runner.sharded_init(init, state_sh, (params,), mesh)  # as run_job creates it
   for n in range(int(state.step) + 1, step):
     state, _ = step_fn(state, faults.poisoned(teacher) if plan.poison_step(n) else teacher)
   inputs = jax.device_get(state)

@@ -73,7 +73,7 @@ def test_step_reduces_loss_and_keeps_base_bit_identical(teacher_dir):
   hp["lora.targets"] = lora_lib.DEFAULT_TARGETS
   c = _config("ud2m_digits_deblur", teacher_dir, **hp)
   setup = ud2m.build_setup(c)
-  state = ud2m.init_state(setup, jax.random.PRNGKey(0))
+  state = ud2m.init_state(setup, jax.random.PRNGKey(0), jax.random.PRNGKey(1))
   base = setup.teacher.params
   base_before = jax.tree.map(np.array, base)
   from emd_jax.evaluators.digits_classifier import digits_images
@@ -97,7 +97,7 @@ def test_step_reduces_loss_and_keeps_base_bit_identical(teacher_dir):
     )
     return loss.mean()
 
-  step = jax.jit(ud2m.make_train_step(setup, jax.random.PRNGKey(1)))
+  step = jax.jit(ud2m.make_train_step(setup))
   before = float(fixed_mse(state.params))
   for _ in range(8):
     state, metrics = step(state, base, setup.feature_params, x)
@@ -121,6 +121,37 @@ def test_step_reduces_loss_and_keeps_base_bit_identical(teacher_dir):
     if not np.array_equal(np.asarray(m), np.asarray(b))
   }
   assert changed and all(("qkv" in k or "proj" in k or "aux_conv" in k) for k in changed), changed
+
+
+def test_step_key_comes_from_the_state_not_a_closure(teacher_dir):
+  """The step is a pure function of (state, args): its randomness is `state.rng`, nothing captured."""
+  import inspect
+
+  assert list(inspect.signature(ud2m.make_train_step).parameters) == ["setup", "batch_sharding"]
+  c = _config("ud2m_digits_deblur", teacher_dir)
+  setup = ud2m.build_setup(c)
+  assert hash(setup.step_cfg) == hash(ud2m.UD2MStepConfig.from_config(c, setup.sigma_y))  # static, hashable
+  step = jax.jit(ud2m.make_train_step(setup))
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 1)), jnp.float32)
+  base = setup.teacher.params
+
+  def one_step(rng_seed: int):
+    state = ud2m.init_state(setup, jax.random.PRNGKey(0), jax.random.PRNGKey(rng_seed))
+    new, metrics = step(state, base, setup.feature_params, x)
+    return jax.tree.map(np.asarray, new), float(metrics["loss/mse"])
+
+  a, loss_a = one_step(1)
+  a_again, loss_a_again = one_step(1)
+  b, loss_b = one_step(2)
+  assert _leaves_equal(a, a_again) and loss_a == loss_a_again  # same rng: the same update, bit for bit
+  assert loss_a != loss_b  # another rng: other noise, outer indices and measurement noise
+  assert not _leaves_equal(a.params["unfolded"], b.params["unfolded"])
+  np.testing.assert_array_equal(a.rng, np.asarray(jax.random.PRNGKey(1)))  # the key is carried, unchanged
+
+
+def _leaves_equal(a, b) -> bool:
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb, strict=True))
 
 
 def optax_norm(tree, leaf_name: str):

@@ -1,4 +1,4 @@
-"""The distillation loop: teacher and state in, steps, checkpoints, metrics, export.
+"""The distillation job: teacher and state in, steps, evaluation, export (`runtime.runner` runs it).
 
 `train_and_evaluate(config, workdir)` is what `python -m emd_jax.main` runs
 for `config.job == "distill"`; notebooks and tests call it directly.
@@ -22,16 +22,15 @@ from emd_jax.distill.losses import LossSpec
 from emd_jax.distill.state import DistillState, create_state
 from emd_jax.distill.step import StepConfig, make_train_step
 from emd_jax.formats import generator_export as export_lib
-from emd_jax.runtime import checkpoint as ckpt_lib
-from emd_jax.runtime import faults, loop, parallel
 from emd_jax.runtime import logs as metrics_lib
+from emd_jax.runtime import parallel, runner
 from emd_jax.runtime.loop import TrainingError  # noqa: F401  (re-exported for callers)
 from emd_jax.teachers.base import Teacher
 from emd_jax.training.optimizer import make_optimizer
 
 
 @dataclasses.dataclass
-class Setup:
+class DistillSetup:
   """Everything built from a config before the first step."""
 
   teacher: Teacher
@@ -66,7 +65,7 @@ def student_spec(config, teacher: Teacher) -> dict:
   return spec
 
 
-def build_setup(config, teacher: Teacher | None = None) -> Setup:
+def build_setup(config, teacher: Teacher | None = None) -> DistillSetup:
   teacher = teachers.from_config(config.teacher) if teacher is None else teacher
   spec = student_spec(config, teacher)
   module = nets.build(spec)
@@ -103,14 +102,14 @@ def build_setup(config, teacher: Teacher | None = None) -> Setup:
   )
   tx_gen = make_optimizer(config.generator, config.total_steps)
   tx_fake = make_optimizer(config.fake, config.total_steps)
-  return Setup(teacher, spec, module, step_cfg, tx_gen, tx_fake)
+  return DistillSetup(teacher, spec, module, step_cfg, tx_gen, tx_fake)
 
 
-def initial_student_params(config, setup: Setup, rng):
+def initial_student_params(config, setup: DistillSetup, rng):
   """Teacher weights for a network teacher; a fitted surrogate for an analytic one."""
   teacher = setup.teacher
   if teacher.spec.get("kind") == "network":
-    return jax.tree.map(jnp.array, teacher.params)
+    return teacher.params  # `create_state` copies them
   from emd_jax.teachers import gmm
   from emd_jax.teachers.surrogate import fit_surrogate
 
@@ -137,13 +136,13 @@ def initial_student_params(config, setup: Setup, rng):
   return params
 
 
-def config_fingerprint(config, setup: Setup) -> dict:
+def config_fingerprint(config, setup: DistillSetup) -> dict:
   """What must match between a checkpoint and the run that restores it."""
   return {"net": setup.net_spec, "data_shape": list(setup.teacher.data_shape), "teacher": setup.teacher.spec}
 
 
 def evaluate(
-  config, setup: Setup, params, rng, step: int | None = None, workdir: str | None = None
+  config, setup: DistillSetup, params, rng, step: int | None = None, workdir: str | None = None
 ) -> tuple[dict, dict]:
   """Scalars and images for the current generator (EMA) parameters.
 
@@ -166,7 +165,7 @@ def evaluate(
   return {}, {}
 
 
-def _generate(setup: Setup, params, z, labels=None, batch_size: int | None = None):
+def _generate(setup: DistillSetup, params, z, labels=None, batch_size: int | None = None):
   """One-step samples `g(z) = D(z, sigma_init)` in batches of `batch_size` (all at once if None)."""
   run = jax.jit(setup.net_apply)
   batch_size = batch_size or z.shape[0]
@@ -178,7 +177,7 @@ def _generate(setup: Setup, params, z, labels=None, batch_size: int | None = Non
   return out[0] if len(out) == 1 else jnp.concatenate(out)
 
 
-def export(config, setup: Setup, state: DistillState, workdir: str) -> str:
+def export(config, setup: DistillSetup, state: DistillState, workdir: str) -> str:
   """Writes `workdir/export`; for image teachers also the final grid `samples_step{N}.png`."""
   path = export_lib.write_export(
     os.path.join(workdir, "export"),
@@ -202,19 +201,24 @@ def export(config, setup: Setup, state: DistillState, workdir: str) -> str:
   return path
 
 
-def abstract_state(setup: Setup, key) -> DistillState:
+def abstract_state(setup: DistillSetup, key) -> DistillState:
   """The state's shapes and dtypes, without computing anything."""
   return jax.eval_shape(lambda p: create_state(key, p, setup.tx_gen, setup.tx_fake), _abstract_params(setup))
 
 
-def sharded_step(setup: Setup, mesh, abstract: DistillState):
+def sharded_step(setup: DistillSetup, mesh, abstract: DistillState):
   """The jitted step with explicit shardings and a donated state.
 
   Returns `(step_fn, state_shardings, teacher_shardings)`.
   """
   state_sh = parallel.tree_shardings(abstract, mesh)
   teacher_sh = parallel.tree_shardings(setup.teacher.params, mesh)
-  step = make_train_step(
+  return runner.jit_step(_make_step(setup, mesh), state_sh, (teacher_sh,), mesh=mesh), state_sh, teacher_sh
+
+
+def _make_step(setup: DistillSetup, mesh):
+  """The pure step `(state, teacher_params) -> (state, metrics)`, its batch split over `mesh`."""
+  return make_train_step(
     setup.step_cfg,
     setup.net_apply,
     setup.teacher.apply,
@@ -222,13 +226,32 @@ def sharded_step(setup: Setup, mesh, abstract: DistillState):
     setup.tx_fake,
     parallel.batch_sharding(mesh),
   )
-  jitted = jax.jit(
-    step,
-    in_shardings=(state_sh, teacher_sh),
-    out_shardings=(state_sh, parallel.replicated(mesh)),
-    donate_argnums=0,
+
+
+def make_job(config, setup: DistillSetup, workdir: str) -> runner.Job:
+  """Distillation as a `runner.Job`: the teacher's parameters are the step's one extra argument."""
+  k_state, k_init, k_eval = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+
+  def evaluate_fn(st, step):
+    return evaluate(config, setup, st.gen_ema, jax.random.fold_in(k_eval, step), step=step, workdir=workdir)
+
+  def export_fn(st, _last_eval):
+    path = export(config, setup, st, workdir)
+    metrics_lib.log_line(f"exported generator to {path}")
+    return {}
+
+  return runner.Job(
+    abstract_state=abstract_state(setup, k_state),
+    init=lambda params: create_state(k_state, params, setup.tx_gen, setup.tx_fake),
+    init_inputs=lambda: (initial_student_params(config, setup, k_init),),  # the surrogate fit runs only here
+    make_step=lambda mesh: _make_step(setup, mesh),
+    fingerprint=config_fingerprint(config, setup),
+    args=(setup.teacher.params,),
+    make_evaluate=lambda mesh, args: evaluate_fn,
+    export=export_fn if config.export_at_end else None,
+    console_keys=("loss/generator", "loss/fake_dsm", "grad_norm/generator"),
+    nan_injection=True,  # debug.nan_at_steps: those updates see a NaN teacher
   )
-  return jitted, state_sh, teacher_sh
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teacher: Teacher | None = None) -> dict:
@@ -240,70 +263,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teacher:
   config = ml_collections.ConfigDict(config)  # private, unlocked copy
   validate_distill(config)
   setup = build_setup(config, teacher)  # loads and checks the teacher: a bad one leaves no workdir behind
-  os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.make_mesh(config.mesh)
-  parallel.check_batch(config.batch_size, mesh)
-  base_key = jax.random.PRNGKey(config.seed)
-  k_state, k_init, k_eval = jax.random.split(base_key, 3)
-
-  checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config)
-  fingerprint = config_fingerprint(config, setup)
-  abstract = abstract_state(setup, k_state)
-  train_step, state_sh, teacher_sh = sharded_step(setup, mesh, abstract)
-  teacher_params = jax.device_put(setup.teacher.params, teacher_sh)
-
-  state, restored = loop.restore_or_init(
-    checkpointer,
-    abstract,
-    state_sh,
-    fingerprint,
-    lambda: create_state(k_state, initial_student_params(config, setup, k_init), setup.tx_gen, setup.tx_fake),
-  )
-  writer = metrics_lib.create_writer(workdir)
-  if restored is None:
-    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items() if isinstance(v, (int, float, str, bool))})
-
-  def evaluate_fn(st, step):
-    return evaluate(config, setup, st.gen_ema, jax.random.fold_in(k_eval, step), step=step, workdir=workdir)
-
-  state, last_eval = loop.run_loop(
-    loop.LoopConfig.from_config(config),
-    state,
-    lambda st: train_step(st, teacher_params),
-    checkpointer=checkpointer,
-    writer=writer,
-    meta={"config": config.to_dict(), "fingerprint": fingerprint},
-    evaluate=evaluate_fn,
-    console_keys=["loss/generator", "loss/fake_dsm", "grad_norm/generator"],
-    nan_step_fn=lambda st: train_step(st, faults.poisoned(teacher_params)),  # only config.debug.nan_at_steps
-  )
-  if config.export_at_end and jax.process_index() == 0:
-    path = export(config, setup, state, workdir)
-    metrics_lib.log_line(f"exported generator to {path}")
-  checkpointer.close()
-  writer.close()
-  last_eval["state"] = state
-  return last_eval
+  return runner.run_job(make_job(config, setup, workdir), config, workdir)
 
 
-def _abstract_params(setup: Setup):
+def _abstract_params(setup: DistillSetup):
   teacher = setup.teacher
   if teacher.spec.get("kind") == "network":
     return teacher.params
   x = jnp.zeros((1, *teacher.data_shape))
   labels = jnp.zeros((1, teacher.num_classes)) if teacher.num_classes else None
   return jax.eval_shape(setup.module.init, jax.random.PRNGKey(0), x, jnp.ones((1,)), labels)["params"]
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flat(v, key + "."))
-    else:
-      out[key] = v
-  return out
 
 
 # ----------------------------------------------------------------------------
@@ -317,7 +286,7 @@ def _eval_cfg(config) -> dict:
   return out
 
 
-def _image_samples(config, setup: Setup, params, rng, num: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _image_samples(config, setup: DistillSetup, params, rng, num: int) -> tuple[np.ndarray, np.ndarray | None]:
   """`num` one-step images `[num, H, W, C]` and their class labels `[num]` (balanced; None if unconditional)."""
   k = setup.teacher.num_classes
   z = setup.step_cfg.sigma_init * jax.random.normal(rng, (num, *setup.teacher.data_shape))
@@ -327,7 +296,9 @@ def _image_samples(config, setup: Setup, params, rng, num: int) -> tuple[np.ndar
   return np.asarray(x, np.float32), labels
 
 
-def _evaluate_images(config, setup: Setup, params, rng, step: int | None, workdir: str | None) -> tuple[dict, dict]:
+def _evaluate_images(
+  config, setup: DistillSetup, params, rng, step: int | None, workdir: str | None
+) -> tuple[dict, dict]:
   from emd_jax.evaluators import images as image_eval
 
   ecfg = _eval_cfg(config)

@@ -33,11 +33,11 @@ import optax
 from emd_jax import nets
 from emd_jax.config.validation import ConfigError, validate_common
 from emd_jax.diffusion import dsm_loss, heun_sample, noise_dist_from_config
-from emd_jax.runtime import checkpoint as ckpt_lib
 from emd_jax.runtime import logs as metrics_lib
-from emd_jax.runtime import loop, parallel
+from emd_jax.runtime import runner
 from emd_jax.teachers.guidance import guided_apply
-from emd_jax.training.guard import all_finite, keep_if
+from emd_jax.training.ema import ema_update, warmup_decay
+from emd_jax.training.guard import all_finite, guarded_update
 from emd_jax.training.optimizer import make_optimizer
 
 Array = jax.Array
@@ -119,43 +119,20 @@ def make_train_step(
     (loss, sigma), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    # EMA with warm-up: early averages forget the random initialisation quickly.
-    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
-    ema = jax.tree.map(lambda e, q: decay * e + (1.0 - decay) * q, state.ema, params)
-
+    ema = ema_update(state.ema, params, warmup_decay(ema_decay, state.step))
     ok = jnp.isfinite(loss) & all_finite(grads)
-    new = state.replace(params=params, opt_state=opt_state, ema=ema)
-    kept = keep_if(ok, new, state)
-    streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
-    kept = kept.replace(
-      step=state.step + 1, nonfinite_count=state.nonfinite_count + (~ok).astype(jnp.int32), nonfinite_streak=streak
-    )
+    kept, guard_metrics = guarded_update(ok, state.replace(params=params, opt_state=opt_state, ema=ema), state)
     metrics = {
       "loss/dsm": loss,
       "grad_norm": optax.global_norm(grads),
       "param_norm": optax.global_norm(params),
       "update_norm": optax.global_norm(updates),
       "sigma/mean_log": jnp.mean(jnp.log(sigma)),
-      "nonfinite/skipped": (~ok).astype(jnp.int32),
-      "nonfinite/total": kept.nonfinite_count,
-      "nonfinite/streak": streak,
+      **guard_metrics,
     }
     return kept, metrics
 
   return train_step
-
-
-def sharded_step(train_step, abstract: TeacherState, mesh):
-  """The jitted step with explicit shardings and a donated state; returns `(step_fn, state_shardings)`."""
-  state_sh = parallel.tree_shardings(abstract, mesh)
-  batch_sh = parallel.batch_sharding(mesh)
-  jitted = jax.jit(
-    train_step,
-    in_shardings=(state_sh, {"image": batch_sh, "label": batch_sh}),
-    out_shardings=(state_sh, parallel.replicated(mesh)),
-    donate_argnums=0,
-  )
-  return jitted, state_sh
 
 
 def make_sampler(module, num_steps: int, guidance: float = 1.0):
@@ -181,49 +158,27 @@ def generate(sampler, params, rng: Array, num: int, data_shape, num_classes: int
   return np.concatenate(out), labels
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains the configured denoiser; resumes from `workdir`; saves `workdir/teacher` at the end.
-
-  Returns the last evaluation's scalars, `step`, `state` and `teacher_dir`.
-  """
+def make_job(config, workdir: str) -> runner.Job:
+  """Teacher pre-training as a `runner.Job`: batches from the data pipeline, no extra step arguments."""
   from emd_jax.data import pipeline
   from emd_jax.evaluators import images as image_eval
 
-  config = ml_collections.ConfigDict(config)
-  validate_teacher(config)
-  os.makedirs(workdir, exist_ok=True)
   spec = net_spec(config)
   module = nets.build(spec)
   label_dim = int(spec.get("label_dim", 0))
   data_shape = (config.data.resolution, config.data.resolution, spec["in_channels"])
-  mesh = parallel.make_mesh(config.mesh)
-  parallel.check_batch(config.batch_size, mesh)
   tx = make_optimizer(config.optimizer, config.total_steps)
   dist = noise_dist_from_config(config.noise)
   sigma_data = float(spec.get("sigma_data", 0.5))
-
-  base_key = jax.random.PRNGKey(config.seed)
-  k_state, k_init, k_eval = jax.random.split(base_key, 3)
-  abstract = jax.eval_shape(lambda: create_state(k_state, init_params(module, k_init, data_shape, label_dim), tx))
-  step_fn, state_sh = sharded_step(
-    make_train_step(module, tx, dist, config.ema_decay, sigma_data, label_dim > 0), abstract, mesh
-  )
-  checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config)
-  fingerprint = {"net": spec, "data": config.data.to_dict(), "data_shape": list(data_shape)}
-  state, restored = loop.restore_or_init(
-    checkpointer,
-    abstract,
-    state_sh,
-    fingerprint,
-    lambda: create_state(k_state, init_params(module, k_init, data_shape, label_dim), tx),
-  )
-  start = int(jax.device_get(state.step))
-  batches = pipeline.make_train_iterator(
-    config.data, config.seed, start, config.batch_size, jax.process_index(), jax.process_count()
-  )
-  batch_sh = parallel.batch_sharding(mesh)
-  writer = metrics_lib.create_writer(workdir)
+  k_state, k_init, k_eval = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+  init = lambda: create_state(k_state, init_params(module, k_init, data_shape, label_dim), tx)  # noqa: E731
+  step = make_train_step(module, tx, dist, config.ema_decay, sigma_data, label_dim > 0)
   sampler = make_sampler(module, config.eval.num_steps, config.guidance if label_dim else 1.0)
+
+  def batches(start: int):
+    return pipeline.make_train_iterator(
+      config.data, config.seed, start, config.batch_size, jax.process_index(), jax.process_count()
+    )
 
   def evaluate_fn(st: TeacherState, step: int, num: int | None = None) -> tuple[dict, dict]:
     num = num or config.eval.num_samples
@@ -236,32 +191,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     scalars["eval_seconds"] = time.perf_counter() - t0
     return scalars, images
 
-  def train_step(st):
-    batch = pipeline.to_global_array(next(batches), mesh, batch_sh)
-    return step_fn(st, batch)
-
-  state, last_eval = loop.run_loop(
-    loop.LoopConfig.from_config(config),
-    state,
-    train_step,
-    checkpointer=checkpointer,
-    writer=writer,
-    meta={"config": config.to_dict(), "fingerprint": fingerprint},
-    evaluate=evaluate_fn,
-    console_keys=["loss/dsm", "grad_norm"],
-  )
-  teacher_dir = None
-  if config.save_teacher and jax.process_index() == 0:
+  def export_fn(st: TeacherState, last_eval: dict) -> dict:
+    """The final evaluation (at `eval.final_num_samples`) and the saved teacher directory."""
+    out = {}
     final = config.eval.final_num_samples or config.eval.num_samples
     if final != config.eval.num_samples or "fd" not in last_eval:  # e.g. resumed at total_steps: no eval ran
-      scalars, _ = evaluate_fn(state, int(state.step), final)
-      last_eval = {**scalars, "step": int(state.step)}
+      scalars, _ = evaluate_fn(st, int(st.step), final)
+      out = {**scalars, "step": int(st.step)}
       metrics_lib.log_line("final eval: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items() if "/" not in k))
-    teacher_dir = save_teacher(config, spec, state, last_eval, os.path.join(workdir, "teacher"))
-    metrics_lib.log_line(f"saved teacher to {teacher_dir}")
-  checkpointer.close()
-  writer.close()
-  return {**last_eval, "state": state, "teacher_dir": teacher_dir}
+    out["teacher_dir"] = save_teacher(config, spec, st, {**last_eval, **out}, os.path.join(workdir, "teacher"))
+    metrics_lib.log_line(f"saved teacher to {out['teacher_dir']}")
+    return out
+
+  return runner.Job(
+    abstract_state=jax.eval_shape(init),
+    init=init,
+    make_step=lambda mesh: step,
+    fingerprint={"net": spec, "data": config.data.to_dict(), "data_shape": list(data_shape)},
+    batches=batches,
+    make_evaluate=lambda mesh, args: evaluate_fn,
+    export=export_fn if config.save_teacher else None,
+    console_keys=("loss/dsm", "grad_norm"),
+  )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains the configured denoiser; resumes from `workdir`; saves `workdir/teacher` at the end.
+
+  Returns the last evaluation's scalars, `step`, `state` and `teacher_dir` (None when not saved).
+  """
+  config = ml_collections.ConfigDict(config)
+  validate_teacher(config)
+  out = runner.run_job(make_job(config, workdir), config, workdir)
+  out.setdefault("teacher_dir", None)
+  return out
 
 
 def save_teacher(config, spec: dict, state: TeacherState, quality: dict, path: str) -> str:

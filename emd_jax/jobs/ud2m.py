@@ -19,8 +19,9 @@ N x K unfolded posterior sampler for one measurement operator:
 
 Optimisers: AdamW (lr 1e-4, weight decay 0.01) for LoRA, the same with
 `optim.unfolded_lr_mult` x lr for the block parameters, AdamW for the critic.
-Randomness: `fold_in(PRNGKey(seed), step)` per step, so resume is exact. The
-loop (checkpoints, TensorBoard, NaN guard, preemption) is `emd_jax.runtime.loop`;
+Randomness: the state holds the run's step key `rng` (from `PRNGKey(seed)`), update
+n uses `fold_in(rng, n - 1)`, so resume is exact. Set-up, resume, checkpoints,
+TensorBoard, NaN guard and preemption are `emd_jax.runtime.runner` / `loop`;
 evaluation restores held-out images with the full sampler (PSNR/SSIM and a
 clean / observed / restored grid); the end of training writes `DIR/export/`.
 """
@@ -47,11 +48,10 @@ from emd_jax.nets import lora as lora_lib
 from emd_jax.posterior import discriminator as disc_lib
 from emd_jax.posterior import operators as ops
 from emd_jax.posterior.unfolded import default_unfolded_params, unfolded_sample, unfolded_training_loss
-from emd_jax.runtime import checkpoint as ckpt_lib
 from emd_jax.runtime import logs as metrics_lib
-from emd_jax.runtime import loop, parallel
+from emd_jax.runtime import parallel, runner
 from emd_jax.teachers.base import Teacher
-from emd_jax.training.guard import keep_if
+from emd_jax.training.guard import all_finite, guarded_update
 
 Array = jax.Array
 
@@ -88,6 +88,7 @@ class UD2MState:
   """Everything that changes in training (the teacher's weights are not here)."""
 
   step: Array  # int32 []
+  rng: Array  # uint32 [2], the run's step key: update n uses fold_in(rng, n - 1)
   params: dict  # {"lora": LoRA factors, "unfolded": {"log_lam" [N*K], "log_t_delta" [N*K]}}
   opt_state: Any
   disc_params: Any
@@ -96,9 +97,49 @@ class UD2MState:
   nonfinite_streak: Array  # int32 []
 
 
+@dataclasses.dataclass(frozen=True)
+class UD2MStepConfig:
+  """Static settings of the UD2M step and sampler (hashable; built once from the config)."""
+
+  num_outer: int
+  num_inner: int
+  timesteps: tuple[int, ...]  # DDPM times of the outer steps, decreasing
+  sigma_y: float
+  eta: float
+  xt_likelihood: bool
+  init: str  # "previous" or "backproject"
+  lora_scale: float
+  weighting: str  # "eps" or "x0"
+  mse_weight: float
+  perceptual_weight: float
+  adversarial_weight: float
+  disc_conditional: bool
+  r1_gamma: float
+
+  @classmethod
+  def from_config(cls, config, sigma_y: float) -> UD2MStepConfig:
+    s, w = config.sampler, config.loss
+    return cls(
+      num_outer=int(s.num_outer),
+      num_inner=int(s.num_inner),
+      timesteps=tuple(int(t) for t in s.timesteps),
+      sigma_y=float(sigma_y),
+      eta=float(s.eta),
+      xt_likelihood=bool(s.xt_likelihood),
+      init=str(s.init),
+      lora_scale=float(config.lora.scale),
+      weighting=str(w.weighting),
+      mse_weight=float(w.mse_weight),
+      perceptual_weight=float(w.perceptual_weight),
+      adversarial_weight=float(w.adversarial_weight),
+      disc_conditional=bool(config.disc.conditional),
+      r1_gamma=float(config.disc.r1_gamma),
+    )
+
+
 @dataclasses.dataclass
-class Setup:
-  """Everything built from a config before the first step."""
+class UD2MSetup:
+  """Everything built from a config before the first step (the step reads only `step_cfg` and the modules)."""
 
   config: ml_collections.ConfigDict
   teacher: Teacher
@@ -112,19 +153,20 @@ class Setup:
   tx_disc: optax.GradientTransformation
   features: Callable[[Any, Array], Array] | None
   feature_params: Any
+  step_cfg: UD2MStepConfig
 
   @property
   def timesteps(self) -> tuple[int, ...]:
-    return tuple(int(t) for t in self.config.sampler.timesteps)
+    return self.step_cfg.timesteps
 
   def denoiser(self, base, lora_params) -> Callable:
     """The LoRA-adapted teacher `(x, sigma, labels) -> D` (base weights behind stop_gradient)."""
-    params = lora_lib.merge(base, lora_params, self.config.lora.scale, stop_base_grad=True)
+    params = lora_lib.merge(base, lora_params, self.step_cfg.lora_scale, stop_base_grad=True)
     return lambda x, sigma, labels=None: self.teacher.apply(params, x, sigma, labels)
 
   def restore(self, base, params, y, rng) -> Array:
     """The full N x K sampler with the current adapter: `y -> x0 [B, H, W, C]`."""
-    s = self.config.sampler
+    s = self.step_cfg
     return unfolded_sample(
       self.denoiser(base, params["lora"]),
       self.operator,
@@ -133,8 +175,8 @@ class Setup:
       params["unfolded"],
       s.num_outer,
       s.num_inner,
-      self.sigma_y,
-      self.timesteps,
+      s.sigma_y,
+      s.timesteps,
       s.eta,
       xt_likelihood=s.xt_likelihood,
       init=s.init,
@@ -188,7 +230,7 @@ def make_optimizers(config) -> tuple[optax.GradientTransformation, optax.Gradien
   return tx, tx_disc
 
 
-def build_setup(config, teacher: Teacher | None = None) -> Setup:
+def build_setup(config, teacher: Teacher | None = None) -> UD2MSetup:
   teacher = teachers.from_config(config.teacher) if teacher is None else teacher
   shape = tuple(teacher.data_shape)
   if len(shape) != 3:
@@ -213,33 +255,46 @@ def build_setup(config, teacher: Teacher | None = None) -> Setup:
     features, feature_params = PERCEPTUAL[config.perceptual.kind](config.perceptual)
   disc = disc_lib.Discriminator(config.disc.width, config.disc.levels)
   op = ops.make_operator(name, shape, **settings)
-  return Setup(config, teacher, op, name, settings, sigma_y, shape, tx, disc, tx_disc, features, feature_params)
+  step_cfg = UD2MStepConfig.from_config(config, sigma_y)
+  return UD2MSetup(
+    config, teacher, op, name, settings, sigma_y, shape, tx, disc, tx_disc, features, feature_params, step_cfg
+  )
 
 
-def init_state(setup: Setup, key: Array) -> UD2MState:
-  """Fresh state: zero-effect LoRA (B = 0), the default block parameters, a fresh critic."""
+def init_state(setup: UD2MSetup, key: Array, rng: Array, base=None) -> UD2MState:
+  """Fresh state: zero-effect LoRA (B = 0), the default block parameters, a fresh critic.
+
+  `key` draws the LoRA and critic initialisations; `rng` (uint32 [2]) is stored as the run's step
+  key. `base` is the teacher's parameter tree (default `setup.teacher.params`; pass it as an
+  argument under jit so that it is not captured as a constant).
+  """
   c = setup.config
+  base = setup.teacher.params if base is None else base
   k_lora, k_disc = jax.random.split(key)
-  lora_params = lora_lib.init_lora(k_lora, setup.teacher.params, c.lora.rank, tuple(c.lora.targets))
+  lora_params = lora_lib.init_lora(k_lora, base, c.lora.rank, tuple(c.lora.targets))
   s = c.sampler
   unfolded = default_unfolded_params(s.num_outer, s.num_inner, s.t_delta_max, s.t_delta_min, s.lam_over_t_delta_sq)
   params = {"lora": lora_params, "unfolded": unfolded}
-  opt_state = setup.tx.init({"base": setup.teacher.params, **params})
+  opt_state = setup.tx.init({"base": base, **params})
   d_in = setup.image_shape[:2] + (setup.image_shape[2] * (2 if c.disc.conditional else 1),)
   disc_params = setup.disc.init(k_disc, jnp.zeros((1, *d_in)))["params"]
   zero = lambda: jnp.zeros((), jnp.int32)  # distinct buffers: the state is donated
-  return UD2MState(zero(), params, opt_state, disc_params, setup.tx_disc.init(disc_params), zero(), zero())
+  rng = jnp.array(rng, jnp.uint32)  # a copy: the state is donated
+  return UD2MState(zero(), rng, params, opt_state, disc_params, setup.tx_disc.init(disc_params), zero(), zero())
 
 
 def _tree_norm(tree) -> Array:
   return optax.tree.norm(tree)
 
 
-def make_train_step(setup: Setup, base_key: Array, batch_sharding=None) -> Callable:
-  """`step(state, base, feature_params, images [B, H, W, C]) -> (state, metrics)`; pure, jittable."""
-  c = setup.config
-  s = c.sampler
-  w = c.loss
+def make_train_step(setup: UD2MSetup, batch_sharding=None) -> Callable:
+  """`step(state, base, feature_params, images [B, H, W, C]) -> (state, metrics)`; pure, jittable.
+
+  The step reads the static parts of `setup` only (`step_cfg`, the operator, the networks' apply
+  functions, the optimizers), never its config or weights: the teacher's weights, the feature
+  network's and the step key (`state.rng`) all come in through the arguments.
+  """
+  cfg = setup.step_cfg
 
   def sampler_loss(full, disc_params, feature_params, x, key):
     denoise = setup.denoiser(full["base"], full["lora"])
@@ -249,15 +304,15 @@ def make_train_step(setup: Setup, base_key: Array, batch_sharding=None) -> Calla
       x,
       key,
       full["unfolded"],
-      s.num_outer,
-      s.num_inner,
-      setup.sigma_y,
-      setup.timesteps,
-      xt_likelihood=s.xt_likelihood,
-      weighting=w.weighting,
+      cfg.num_outer,
+      cfg.num_inner,
+      cfg.sigma_y,
+      cfg.timesteps,
+      xt_likelihood=cfg.xt_likelihood,
+      weighting=cfg.weighting,
     )  # [B]
     x0 = aux["x0_hat"]  # [B, H, W, C]
-    cond = setup.operator.backproject(aux["y"]) if c.disc.conditional else None
+    cond = setup.operator.backproject(aux["y"]) if cfg.disc_conditional else None
     logits = setup.disc.apply({"params": disc_params}, disc_lib.discriminator_input(x0, cond))  # [B]
     adv = disc_lib.generator_adversarial_loss(logits)  # [B]
     if setup.features is not None:
@@ -265,7 +320,7 @@ def make_train_step(setup: Setup, base_key: Array, batch_sharding=None) -> Calla
       perc = jnp.mean((f_hat - jax.lax.stop_gradient(f_ref)) ** 2, axis=-1)  # [B]
     else:
       perc = jnp.zeros_like(mse)
-    total = w.mse_weight * mse.mean() + w.perceptual_weight * perc.mean() + w.adversarial_weight * adv.mean()
+    total = cfg.mse_weight * mse.mean() + cfg.perceptual_weight * perc.mean() + cfg.adversarial_weight * adv.mean()
     terms = {
       "loss/total": total,
       "loss/mse": mse.mean(),
@@ -277,7 +332,7 @@ def make_train_step(setup: Setup, base_key: Array, batch_sharding=None) -> Calla
   def step(state: UD2MState, base, feature_params, x):
     if batch_sharding is not None:
       x = jax.lax.with_sharding_constraint(x, batch_sharding)
-    key = jax.random.fold_in(base_key, state.step)
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl="threefry2x32"), state.step)
     k_loss, _ = jax.random.split(key)
     full = {"base": base, **state.params}
     # Differentiate the trainable leaves only: the frozen base is a constant, so the backward
@@ -289,34 +344,20 @@ def make_train_step(setup: Setup, base_key: Array, batch_sharding=None) -> Calla
     updates, opt_state = setup.tx.update(grads, state.opt_state, full)
     params = optax.apply_updates(state.params, {k: updates[k] for k in state.params})  # the base update is unused
 
-    cond = setup.operator.backproject(y) if c.disc.conditional else None
+    cond = setup.operator.backproject(y) if cfg.disc_conditional else None
     x0 = jax.lax.stop_gradient(x0)
 
     def critic_loss(dp):
       apply = lambda z: setup.disc.apply({"params": dp}, disc_lib.discriminator_input(z, cond))
-      return disc_lib.discriminator_loss(apply, x, x0, c.disc.r1_gamma)
+      return disc_lib.discriminator_loss(apply, x, x0, cfg.r1_gamma)
 
     (d_loss, d_metrics), d_grads = jax.value_and_grad(critic_loss, has_aux=True)(state.disc_params)
     d_updates, disc_opt_state = setup.tx_disc.update(d_grads, state.disc_opt_state, state.disc_params)
     disc_params = optax.apply_updates(state.disc_params, d_updates)
 
-    ok = jnp.isfinite(terms["loss/total"]) & jnp.isfinite(_tree_norm(g_trainable))
-    ok &= jnp.isfinite(d_loss) & jnp.isfinite(_tree_norm(d_grads))
-    params, opt_state, disc_params, disc_opt_state = keep_if(
-      ok,
-      (params, opt_state, disc_params, disc_opt_state),
-      (state.params, state.opt_state, state.disc_params, state.disc_opt_state),
-    )
-    streak = jnp.where(ok, 0, state.nonfinite_streak + 1)
-    new_state = UD2MState(
-      step=state.step + 1,
-      params=params,
-      opt_state=opt_state,
-      disc_params=disc_params,
-      disc_opt_state=disc_opt_state,
-      nonfinite_count=state.nonfinite_count + (~ok).astype(jnp.int32),
-      nonfinite_streak=streak,
-    )
+    ok = jnp.isfinite(terms["loss/total"]) & all_finite(g_trainable) & jnp.isfinite(d_loss) & all_finite(d_grads)
+    new = state.replace(params=params, opt_state=opt_state, disc_params=disc_params, disc_opt_state=disc_opt_state)
+    new_state, guard_metrics = guarded_update(ok, new, state)
     lam = jnp.exp(state.params["unfolded"]["log_lam"])
     t_delta = jnp.exp(state.params["unfolded"]["log_t_delta"])
     metrics = {
@@ -330,30 +371,20 @@ def make_train_step(setup: Setup, base_key: Array, batch_sharding=None) -> Calla
       "unfolded/lam_mean": lam.mean(),
       "unfolded/t_delta_first": t_delta[0],
       "unfolded/t_delta_last": t_delta[-1],
-      "nonfinite/skipped": (~ok).astype(jnp.int32),
-      "nonfinite/total": new_state.nonfinite_count,
-      "nonfinite/streak": streak,
+      **guard_metrics,
     }
     return new_state, metrics
 
   return step
 
 
-def sharded_step(setup: Setup, mesh, abstract: UD2MState, base_key: Array):
-  """The jitted step with explicit shardings and a donated state; `(step_fn, state_sh, base_sh)`."""
-  state_sh = parallel.tree_shardings(abstract, mesh)
-  base_sh = parallel.tree_shardings(setup.teacher.params, mesh)
+def arg_shardings(setup: UD2MSetup, mesh) -> tuple:
+  """Shardings of the step's extra arguments `(base, feature_params)`: FSDP rules, features replicated."""
   rep = parallel.replicated(mesh)
-  feat_sh = jax.tree.map(lambda _: rep, setup.feature_params)
-  batch_sh = parallel.batch_sharding(mesh)
-  step = make_train_step(setup, base_key, batch_sh)
-  jitted = jax.jit(
-    step, in_shardings=(state_sh, base_sh, feat_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=0
-  )
-  return jitted, state_sh, base_sh
+  return parallel.tree_shardings(setup.teacher.params, mesh), jax.tree.map(lambda _: rep, setup.feature_params)
 
 
-def config_fingerprint(config, setup: Setup) -> dict:
+def config_fingerprint(config, setup: UD2MSetup) -> dict:
   """What must match between a checkpoint and the run that restores it."""
   return {
     "teacher": setup.teacher.spec,
@@ -361,13 +392,16 @@ def config_fingerprint(config, setup: Setup) -> dict:
     "lora": {"rank": config.lora.rank, "targets": list(config.lora.targets)},
     "sampler": {"num_outer": config.sampler.num_outer, "num_inner": config.sampler.num_inner},
     "disc": {"width": config.disc.width, "levels": config.disc.levels, "conditional": config.disc.conditional},
+    # The step key lives in the state: checkpoints written before it did are refused with this
+    # field named, rather than failing to restore and being moved aside as unreadable.
+    "step_key": "state.rng",
   }
 
 
 class Evaluator:
   """PSNR/SSIM of the full sampler on held-out images, and a clean / observed / restored grid."""
 
-  def __init__(self, setup: Setup, key: Array, mesh):
+  def __init__(self, setup: UD2MSetup, key: Array, mesh):
     from emd_jax.data import pipeline
 
     c = setup.config
@@ -409,7 +443,7 @@ def restoration_grid(clean, observed, restored, num: int = 8, scale: int = 4) ->
   return grid.repeat(scale, 0).repeat(scale, 1)[None]
 
 
-def export(config, setup: Setup, state: UD2MState, workdir: str) -> str:
+def export(config, setup: UD2MSetup, state: UD2MState, workdir: str) -> str:
   s = config.sampler
   return export_lib.write_sampler(
     os.path.join(workdir, "export"),
@@ -439,52 +473,45 @@ def export(config, setup: Setup, state: UD2MState, workdir: str) -> str:
   )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teacher: Teacher | None = None) -> dict:
-  """Trains the UD2M sampler; resumes from `workdir`; returns the last evaluation, `step` and `state`."""
+def make_job(config, setup: UD2MSetup, workdir: str) -> runner.Job:
+  """UD2M as a `runner.Job`: the frozen base and the feature network's weights are the step's arguments."""
   from emd_jax.data import pipeline
 
+  k_state, k_eval, k_step = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+  init = lambda base: init_state(setup, k_state, k_step, base)  # noqa: E731
+
+  def batches(start: int):
+    it = pipeline.make_train_iterator(
+      config.data, config.seed, start, config.batch_size, jax.process_index(), jax.process_count()
+    )
+    return (batch["image"] for batch in it)
+
+  def make_evaluate(mesh, args):
+    evaluator, base = Evaluator(setup, k_eval, mesh), args[0]
+    return lambda st, step: evaluator(base, st.params)
+
+  def export_fn(st: UD2MState, _last_eval: dict) -> dict:
+    metrics_lib.log_line(f"exported UD2M sampler to {export(config, setup, st, workdir)}")
+    return {}
+
+  return runner.Job(
+    abstract_state=jax.eval_shape(init, setup.teacher.params),
+    init=init,
+    init_inputs=lambda: (setup.teacher.params,),
+    make_step=lambda mesh: make_train_step(setup, parallel.batch_sharding(mesh)),
+    fingerprint=config_fingerprint(config, setup),
+    args=(setup.teacher.params, setup.feature_params),
+    arg_shardings=lambda mesh: arg_shardings(setup, mesh),
+    batches=batches,
+    make_evaluate=make_evaluate,
+    export=export_fn if config.export_at_end else None,
+    console_keys=("loss/total", "loss/mse", "loss/disc"),
+  )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teacher: Teacher | None = None) -> dict:
+  """Trains the UD2M sampler; resumes from `workdir`; returns the last evaluation, `step` and `state`."""
   config = ml_collections.ConfigDict(config)  # private, unlocked copy
   validate(config)
   setup = build_setup(config, teacher)  # loads and checks the teacher: a bad one leaves no workdir behind
-  os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.make_mesh(config.mesh)
-  parallel.check_batch(config.batch_size, mesh)
-  base_key = jax.random.PRNGKey(config.seed)
-  k_state, k_eval, k_step = jax.random.split(base_key, 3)
-
-  checkpointer = ckpt_lib.Checkpointer.for_run(workdir, config)
-  fingerprint = config_fingerprint(config, setup)
-  abstract = jax.eval_shape(lambda: init_state(setup, k_state))
-  train_step, state_sh, base_sh = sharded_step(setup, mesh, abstract, k_step)
-  base = jax.device_put(setup.teacher.params, base_sh)
-  feature_params = jax.device_put(setup.feature_params, parallel.replicated(mesh))
-  state, restored = loop.restore_or_init(
-    checkpointer, abstract, state_sh, fingerprint, lambda: init_state(setup, k_state)
-  )
-  writer = metrics_lib.create_writer(workdir)
-
-  start = int(jax.device_get(state.step))
-  batches = pipeline.make_train_iterator(
-    config.data, config.seed, start, config.batch_size, jax.process_index(), jax.process_count()
-  )
-  batch_sh = parallel.batch_sharding(mesh)
-  next_images = lambda: pipeline.to_global_array(next(batches), mesh, batch_sh)["image"]
-  evaluator = Evaluator(setup, k_eval, mesh)
-
-  state, last_eval = loop.run_loop(
-    loop.LoopConfig.from_config(config),
-    state,
-    lambda st: train_step(st, base, feature_params, next_images()),
-    checkpointer=checkpointer,
-    writer=writer,
-    meta={"config": config.to_dict(), "fingerprint": fingerprint},
-    evaluate=lambda st, step: evaluator(base, st.params),
-    console_keys=["loss/total", "loss/mse", "loss/disc"],
-  )
-  if config.export_at_end and jax.process_index() == 0:
-    path = export(config, setup, state, workdir)
-    metrics_lib.log_line(f"exported UD2M sampler to {path}")
-  checkpointer.close()
-  writer.close()
-  last_eval["state"] = state
-  return last_eval
+  return runner.run_job(make_job(config, setup, workdir), config, workdir)

@@ -1,14 +1,14 @@
 """The training loop shared by every job (distillation, teacher pre-training, UD2M).
 
-A job supplies a jitted `step_fn(state) -> (state, metrics)` (it pulls its own
-batch, if any), an `evaluate(state, step) -> (scalars, images)` and the
-fingerprint its checkpoints must match. The loop owns everything around the
-network passes: resume (falling back past unusable checkpoints), logging
-(TensorBoard via CLU + a console line with steps/s and ETA), periodic
-evaluation, checkpoints, preemption, loss-spike reports and the non-finite
-stop. Host syncs happen only at log, eval and checkpoint steps; every other
-step reads one Python flag (the preemption notice). The guarantees are listed
-in docs/reliability.md.
+`runtime.runner.run_job` calls it with a jitted `step_fn(state) -> (state,
+metrics)` (which pulls its own batch, if any), an `evaluate(state, step) ->
+(scalars, images)` and the fingerprint its checkpoints must match. The loop
+owns everything around the network passes: resume (falling back past unusable
+checkpoints), logging (TensorBoard via CLU + a console line with steps/s and
+ETA), periodic evaluation, checkpoints, preemption, loss-spike reports and the
+non-finite stop. Host syncs happen only at log, eval and checkpoint steps;
+every other step reads one Python flag (the preemption notice). The guarantees
+are listed in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -80,20 +80,23 @@ def fingerprint_diff(saved, current: dict, limit: int = 6) -> list[str]:
   return out
 
 
-def restore_or_init(
+def resume_or_init(
   checkpointer: ckpt_lib.Checkpointer,
   abstract,
   shardings,
   fingerprint: dict,
   init_fn: Callable[[], Any],
 ) -> tuple[Any, int | None]:
-  """Restores the newest usable checkpoint (checking its fingerprint) or builds a fresh state.
+  """Resumes from the newest usable checkpoint (checking its fingerprint) or builds a fresh state.
 
+  The checkpoint is restored by Orbax straight into `shardings`; `init_fn()` must return a
+  state that is already sharded so (e.g. `jax.jit(init, out_shardings=shardings)()`,
+  `runtime.runner.sharded_init`): it is called only when no checkpoint is usable.
   A step that cannot be read, whose arrays have other shapes or whose
   checksums do not match is reported (step and reason), renamed aside and
   skipped: the next older one is tried. A fingerprint that differs from this
   run's is an error (the workdir belongs to another run), naming the fields.
-  Returns `(state, restored_step or None)`.
+  Returns `(state, resumed_step or None)`.
   """
   target = ckpt_lib.abstract_like(abstract, shardings)
   skipped = []
@@ -119,7 +122,7 @@ def restore_or_init(
     return state, step
   if skipped:
     metrics_lib.log_line(f"warning: no usable checkpoint (skipped steps {skipped}); starting from the beginning")
-  return jax.device_put(init_fn(), shardings), None
+  return init_fn(), None
 
 
 class SpikeMonitor:
