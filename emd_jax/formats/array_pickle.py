@@ -2,11 +2,11 @@
 
 Files such as jax-fid's `inception_v3_weights_fid.pickle` are `pickle.dump`s of
 nested dicts of numpy arrays. `load_file` reads one with a restricted
-unpickler in the manner of `torch_pickle` (whose inert stand-ins for
-`OrderedDict`, `_codecs.encode`, numeric `numpy.dtype` and numpy scalars it
-reuses): numpy arrays are built from their raw bytes by local functions (both
-numpy's protocol-2/4 form, `_reconstruct` + state, and its protocol-5 form,
-`_frombuffer`), numeric dtypes only, the byte count checked against the shape.
+unpickler in the manner of `torch_pickle` (whose stand-ins for `OrderedDict`
+and `_codecs.encode` it reuses): numpy dtypes, scalars and arrays are built from
+their raw bytes by local functions (both numpy's protocol-2/4 form of an array,
+`_reconstruct` + state, and its protocol-5 form, `_frombuffer`), numeric dtypes
+only (byte order kept), the byte count checked against the shape.
 Every other global (`posix.system`, `builtins.eval`, object arrays, torch
 tensors, ...) raises `errors.UnsafePickleError` naming it; a file over
 `torch_pickle.MAX_FILE_BYTES` is refused unread.
@@ -41,9 +41,40 @@ class _PendingArray:
     self.array = _array_from_bytes(data, dtype, shape, "F" if fortran else "C")
 
 
+class _Dtype:
+  """`numpy.dtype(spec, align, copy)` for numeric dtypes; BUILD's state sets only the byte order."""
+
+  def __init__(self, spec, align=False, copy=False):
+    del align, copy
+    try:
+      self.dtype = np.dtype(spec if isinstance(spec, str) else str(spec))
+    except TypeError as e:
+      raise UnsafePickleError(f"refusing numpy dtype {spec!r:.40}") from e
+    if self.dtype.kind not in "biufc":
+      raise UnsafePickleError(f"refusing numpy dtype {self.dtype} (only numeric dtypes are allowed)")
+
+  def __setstate__(self, state) -> None:
+    # (version, byteorder, subarray, names, fields, elsize, alignment, flags); a numeric dtype has no
+    # subarray, names or fields.
+    if not (isinstance(state, tuple) and len(state) >= 5 and state[1] in ("<", ">", "=", "|")):
+      raise pickle.UnpicklingError(f"bad numpy dtype state {state!r:.60}")
+    if any(x is not None for x in state[2:5]):
+      raise UnsafePickleError("refusing a structured or sub-array numpy dtype (only numeric dtypes are allowed)")
+    if state[1] in "<>":
+      self.dtype = self.dtype.newbyteorder(state[1])
+
+
+def _scalar(dtype, data: bytes = b""):
+  """`numpy._core.multiarray.scalar`: a numeric numpy scalar from its bytes."""
+  if not isinstance(dtype, _Dtype) or not isinstance(data, bytes) or len(data) != dtype.dtype.itemsize:
+    raise pickle.UnpicklingError(f"bad numpy scalar of {getattr(dtype, 'dtype', dtype)!r}")
+  return np.frombuffer(data, dtype.dtype)[0]
+
+
 def _array_from_bytes(data, dtype, shape, order) -> np.ndarray:
-  """A fresh numeric array `shape` of `dtype` from raw bytes (whose length must match exactly)."""
-  if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc":
+  """A fresh numeric array `shape` of `dtype` (a `_Dtype`) from raw bytes (whose length must match exactly)."""
+  dtype = dtype.dtype if isinstance(dtype, _Dtype) else None
+  if dtype is None or dtype.kind not in "biufc":
     raise UnsafePickleError(f"refusing a numpy array of dtype {dtype!r} (only numeric dtypes are allowed)")
   if not isinstance(data, bytes | bytearray):
     raise UnsafePickleError(f"refusing a numpy array whose data is a {type(data).__name__}, not bytes")
@@ -51,7 +82,7 @@ def _array_from_bytes(data, dtype, shape, order) -> np.ndarray:
     raise pickle.UnpicklingError(f"bad numpy array geometry shape={shape!r} order={order!r}")
   if int(np.prod(shape, dtype=object)) * dtype.itemsize != len(data):
     raise pickle.UnpicklingError(f"numpy array {shape} of {dtype} with {len(data)} bytes of data")
-  return np.frombuffer(data, dtype).reshape(shape, order=order).copy()
+  return np.frombuffer(data, dtype).reshape(shape, order=order).copy(order="K")
 
 
 def _reconstruct(subtype, shape, dtype_code) -> _PendingArray:
@@ -66,20 +97,27 @@ def _frombuffer(data, dtype, shape, order) -> np.ndarray:
   return _array_from_bytes(bytes(data) if isinstance(data, memoryview) else data, dtype, shape, order)
 
 
+def _empty_bytes(*args) -> bytes:
+  """`bytes()`: how protocol 2 writes an empty byte string (the data of an empty array).
+
+  Only without arguments: `bytes(n)` would allocate n bytes the file never held.
+  """
+  if args:
+    raise UnsafePickleError(f"refusing bytes{args!r:.40} (only the empty bytes())")
+  return b""
+
+
 _NDARRAY = _NdarrayClass()
 _ARRAY_PICKLE_GLOBALS = {
   # The stand-ins of the torch-pickle allowlist that a plain pickle of numpy arrays needs ...
-  **{
-    k: torch_pickle.ALLOWLIST[k]
-    for k in (
-      ("collections", "OrderedDict"),
-      ("_codecs", "encode"),  # protocol 2 stores bytes as latin-1 text
-      ("numpy", "dtype"),  # numeric dtypes only
-      ("numpy.core.multiarray", "scalar"),
-      ("numpy._core.multiarray", "scalar"),
-    )
-  },
-  # ... and numpy arrays, built from their bytes by the functions above.
+  ("collections", "OrderedDict"): torch_pickle.ALLOWLIST[("collections", "OrderedDict")],
+  ("_codecs", "encode"): torch_pickle.ALLOWLIST[("_codecs", "encode")],  # protocol 2 stores bytes as latin-1 text
+  # ... and numeric numpy dtypes, scalars and arrays, built from their bytes by the functions above.
+  ("numpy", "dtype"): _Dtype,
+  ("numpy.core.multiarray", "scalar"): _scalar,
+  ("numpy._core.multiarray", "scalar"): _scalar,
+  ("__builtin__", "bytes"): _empty_bytes,  # protocol 2 names builtins the Python 2 way
+  ("builtins", "bytes"): _empty_bytes,
   ("numpy", "ndarray"): _NDARRAY,
   ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # numpy < 2
   ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # numpy >= 2
