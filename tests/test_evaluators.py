@@ -23,12 +23,12 @@ from emd_jax.evaluators import (
   frechet,
   gmm,
   grids,
-  images,
   inception,
   precision_recall,
   registry,
   restoration,
 )
+from emd_jax.evaluators import images as image_eval
 from emd_jax.formats import array_pickle
 from emd_jax.teachers import gmm as gmm_teacher
 
@@ -161,7 +161,7 @@ def test_evaluate_images_real_vs_noise():
   evaluator = registry.build({"evaluator": "digits"})
   assert isinstance(evaluator, digits.DigitsEvaluator)
   assert evaluator(real)["fd"] == pytest.approx(good["fd"])
-  assert images.score_images(real, evaluator=evaluator)["fd"] == pytest.approx(good["fd"])
+  assert image_eval.score_images(real, evaluator=evaluator)["fd"] == pytest.approx(good["fd"])
   ones = real[labels == 1]
   collapsed = digits.evaluate_images(ones)
   assert collapsed["coverage"] <= 0.2 and collapsed["recall"] < 0.4 and collapsed["class_tv"] > 0.7
@@ -601,7 +601,7 @@ def test_inception_fid_end_to_end_from_either_weight_file(inception_files):
     np.testing.assert_array_equal(ev.features(x), feats)
   out = ev(x)
   assert set(out) == {"fid"} and out["fid"] == pytest.approx(want, rel=1e-4)
-  assert images.score_images(x, evaluator=ev) == {"fid": out["fid"]}
+  assert image_eval.score_images(x, evaluator=ev) == {"fid": out["fid"]}
 
 
 def _tiny_restoration_images():
@@ -679,10 +679,10 @@ def test_score_images_takes_a_built_evaluator():
     return {"fd": np.float32(1.5), "class_hist": np.array([0.25, 0.75]), "num_samples": len(x), "extra": 2}
 
   x = np.zeros((3, 8, 8, 1), np.float32)
-  out = images.score_images(x, evaluator=fake)
+  out = image_eval.score_images(x, evaluator=fake)
   assert out == {"fd": 1.5, "extra": 2.0, "class_detail/0": 0.25, "class_detail/1": 0.75}
-  scalars, grid = images.evaluate_and_grid(None, 0, x, evaluator=None, grid_size=3)
+  scalars, grid = image_eval.evaluate_and_grid(None, 0, x, evaluator=None, grid_size=3)
   assert scalars == {} and grid["samples"].dtype == np.uint8
-  assert images.evaluate_and_grid(None, 0, x, evaluator=fake, grid_size=3)[0] == out
+  assert image_eval.evaluate_and_grid(None, 0, x, evaluator=fake, grid_size=3)[0] == out
   with pytest.raises(TypeError, match="by name"):
-    images.score_images(x, evaluator=fake, layout="pad")
+    image_eval.score_images(x, evaluator=fake, layout="pad")
