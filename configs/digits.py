@@ -73,7 +73,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.max_checkpoints = 2
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.evaluator = "digits"  # emd_jax.evaluators.frechet.make_image_evaluator
+  c.eval.evaluator = "digits"  # emd_jax.evaluators.registry
   c.eval.batch_size = 500
   c.eval.grid_size = 100  # images in the TensorBoard / PNG grid
 

@@ -3,7 +3,7 @@
 The classifier sees digits zero-padded to 16x16 (the `digits` pipeline's
 default layout, values in `[-1, 1]`, black = -1). Its penultimate activations
 (`FEATURE_DIM`-d) are the feature space of the digits Frechet distance and of
-precision/recall (`emd_jax.evaluators.frechet`); its predictions give class
+precision/recall (`emd_jax.evaluators.digits`); its predictions give class
 coverage. Images at other layouts are brought to this one by
 `to_classifier_input`.
 

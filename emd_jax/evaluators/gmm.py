@@ -14,18 +14,27 @@
   core, so a long tail counts (1 is exact; > 1 tails, < 1 a sharp core);
 - sliced_wasserstein: SW-1 to the same number of exact samples (64 projections);
 - mean_log_prob: exact teacher log-density of the samples.
+
+`GMMEvaluator` is the registered `gmm` evaluator (`registry`): built from the
+teacher (context), called as `evaluator(samples [N, D], labels=None)`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from emd_jax.evaluators import registry
 from emd_jax.teachers import gmm
 
 OFF_MODE_STDS = 3.7
 
 
 def gmm_metrics(samples: np.ndarray, params: dict, seed: int = 0, num_projections: int = 64) -> dict:
+  """The figures above for samples `[N, D]` of a mixture with `params` (means `[K, D]`, stds `[K]`, log_weights `[K]`).
+
+  `seed` draws the exact reference samples and the projections of the sliced
+  Wasserstein distance. Returns `gmm/*` scalars and `gmm_detail/mass_mode{k}`.
+  """
   samples = np.asarray(samples, np.float64)
   means = np.asarray(params["means"], np.float64)
   stds = np.asarray(params["stds"], np.float64)
@@ -67,6 +76,32 @@ def gmm_metrics(samples: np.ndarray, params: dict, seed: int = 0, num_projection
   for i, m in enumerate(mass):
     out[f"gmm_detail/mass_mode{i}"] = float(m)
   return out
+
+
+@registry.register("gmm", context=("teacher",))
+class GMMEvaluator:
+  """The `gmm` evaluator: `evaluator(samples [N, D], labels=None) -> gmm_metrics(samples, teacher params)`.
+
+  `teacher`: the analytic Gaussian-mixture teacher (its `params` are fetched to
+  the host once, here); `seed`, `num_projections`: as `gmm_metrics`.
+  """
+
+  name = "gmm"
+  kind = "samples"
+
+  def __init__(self, teacher, seed: int = 0, num_projections: int = 64):
+    import jax
+
+    spec_kind = (getattr(teacher, "spec", None) or {}).get("kind")
+    params = getattr(teacher, "params", None)
+    if spec_kind != "gmm" or not isinstance(params, dict) or not {"means", "stds", "log_weights"} <= set(params):
+      raise ValueError(f"scores samples against a Gaussian-mixture teacher; this teacher is {spec_kind!r}")
+    self.params = jax.device_get(params)
+    self.seed, self.num_projections = seed, num_projections
+
+  def __call__(self, samples: np.ndarray, labels: np.ndarray | None = None) -> dict:
+    del labels
+    return gmm_metrics(np.asarray(samples), self.params, self.seed, self.num_projections)
 
 
 def scatter_image(samples: np.ndarray, extent: float = 1.5, size: int = 256) -> np.ndarray:

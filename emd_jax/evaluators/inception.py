@@ -7,27 +7,39 @@ pool in the last block). Inputs are resized to 299x299 (bilinear, half-pixel,
 no antialias, as `F.interpolate(align_corners=False)`) and must be in
 `[-1, 1]`; the output is the 2048-d global average of `Mixed_7c`.
 
-Weights are not shipped. To get them:
+Weights are not shipped. `load_weights(path)` reads either of two files (told
+apart by content, not by name), maps it onto the Flax tree and checks every
+leaf against `abstract_params()` (`fileio.check_params`: the error names the
+leaf and both shapes); no torch is needed to read either:
 
-  1. Download pytorch-fid's converted TF weights (about 92 MB):
-     https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
-  2. Convert to npz (needs torch; `pip install emd_jax[convert]`):
-     python -m emd_jax.evaluators.inception convert \
-       pt_inception-2015-12-05-6726825d.pth inception_fid.npz
-  3. `params = load_params("inception_fid.npz")`, then `inception_features`,
-     `fid_from_features` or `InceptionEvaluator` (no torch needed from here on).
-     Reference statistics: `save_reference_stats(path, features)` on the real
-     images' features, or pytorch-fid's precomputed `.npz` (keys mu, sigma).
+  (a) the npz of pytorch-fid's converted TF weights:
+      1. download (about 92 MB)
+         https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
+      2. convert once (needs torch; `pip install emd_jax[convert]`):
+         python -m emd_jax.evaluators.inception convert \
+           pt_inception-2015-12-05-6726825d.pth inception_fid.npz
+      The npz keeps the torch names (`Mixed_5b.branch1x1.conv.weight`, ...,
+      `.bn.running_var`), kernels in torch layout `[out, in, kh, kw]`.
+  (b) the Flax weights of the JAX FID tools, `inception_v3_weights_fid.pickle`
+      (jax-fid, github.com/matthias-wright/jax-fid, also used by fidjax), as
+      downloaded: a pickled dict `{layer: {'conv': {'kernel' [kh, kw, in, out]},
+      'bn': {'scale', 'bias', 'mean', 'var'}}}`, blocks nested by name
+      (`['Mixed_5b']['branch1x1']`), plus the classifier `fc` (unused here). It
+      is read by a restricted unpickler that builds dicts and numeric numpy
+      arrays and refuses every other global by name (`UnsafePickleError`).
 
-The npz keeps the torch names (`Mixed_5b.branch1x1.conv.weight`, ...,
-`.bn.running_var`); `load_params` maps them onto the Flax tree and checks
-that every parameter is present with the right shape.
+Reference statistics: `load_reference_stats(path)` reads an npz with `mu`
+`[2048]` and `sigma` `[2048, 2048]` (pytorch-fid's format; checked: keys,
+shapes, finite), `save_reference_stats(path, features)` writes one from real
+images' features. `InceptionEvaluator(weights, reference_stats)` (registered
+as `inception_fid`, `registry`) loads and checks both when it is built.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,7 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emd_jax.evaluators import frechet
+from emd_jax.errors import UserInputError, one_line
+from emd_jax.evaluators import frechet, registry
+from emd_jax.formats import array_pickle, fileio
 
 Array = jax.Array
 FEATURE_DIM = 2048
@@ -261,8 +275,64 @@ def torch_names(params: Any) -> dict[str, tuple[str, ...]]:
   return out
 
 
+def params_to_torch_dict(params: Any) -> dict[str, np.ndarray]:
+  """Flax params -> {torch name: array in torch layout} (the npz format)."""
+  flat = {}
+  for name, keys in torch_names(params).items():
+    leaf = functools.reduce(lambda t, k: t[k], keys, params)
+    flat[name] = _to_torch(keys[-1], np.asarray(leaf, np.float32))
+  return flat
+
+
+def load_weights(path: str) -> Any:
+  """Inception FID weights from `path` as the Flax tree, checked against `abstract_params()`.
+
+  The format is told by content: an npz (zip) of torch-named arrays (`load_params`), or
+  a pickle laid out like jax-fid's `inception_v3_weights_fid.pickle` (`load_jax_fid_pickle`).
+  """
+  fileio.require_file(path, "Inception weights file")
+  with open(path, "rb") as f:
+    head = f.read(2)
+  if head == b"PK":
+    return load_params(path)
+  if head[:1] == b"\x80":  # the PROTO opcode every pickle of protocol >= 2 starts with
+    return load_jax_fid_pickle(path)
+  raise UserInputError(
+    f"{path}: neither an npz of Inception weights (`convert` of pytorch-fid's .pth) nor a pickle "
+    "(jax-fid's inception_v3_weights_fid.pickle)"
+  )
+
+
+def load_params(npz_path: str) -> Any:
+  """Reads an npz of torch-named weights into the Flax tree, checking names, shapes and values."""
+  template = abstract_params()
+  names = torch_names(template)
+  fileio.require_file(npz_path, "Inception weights npz")
+  try:
+    data = np.load(npz_path, allow_pickle=False)
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+    raise UserInputError(f"{npz_path}: not a readable npz file ({type(e).__name__}: {one_line(e, 200)})") from e
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    raise UserInputError(f"{npz_path}: a single .npy array, not an npz of Inception weights")
+  with data:
+    missing = sorted(set(names) - set(data.files))
+    if missing:
+      raise UserInputError(f"{npz_path}: lacks {len(missing)} Inception weights, e.g. {missing[:3]}")
+    try:
+      flat = {keys: _to_flax(keys[-1], _as_float32(data[name])) for name, keys in names.items()}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+      raise UserInputError(f"{npz_path}: an array cannot be read ({type(e).__name__}: {one_line(e, 200)})") from e
+  return _checked_tree(flat, template, npz_path)
+
+
+def _as_float32(value: np.ndarray) -> np.ndarray:
+  """Floating arrays as float32; anything else unchanged (`check_params` then names its dtype)."""
+  value = np.asarray(value)
+  return value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
+
+
 def _to_flax(leaf_name: str, value: np.ndarray) -> np.ndarray:
-  if leaf_name == "kernel":  # torch [out, in, kh, kw] -> [kh, kw, in, out]
+  if leaf_name == "kernel" and value.ndim == 4:  # torch [out, in, kh, kw] -> [kh, kw, in, out]
     return np.transpose(value, (2, 3, 1, 0))
   return value
 
@@ -273,41 +343,73 @@ def _to_torch(leaf_name: str, value: np.ndarray) -> np.ndarray:
   return value
 
 
-def params_to_torch_dict(params: Any) -> dict[str, np.ndarray]:
-  """Flax params -> {torch name: array in torch layout} (the npz format)."""
-  flat = {}
-  for name, keys in torch_names(params).items():
-    leaf = functools.reduce(lambda t, k: t[k], keys, params)
-    flat[name] = _to_torch(keys[-1], np.asarray(leaf, np.float32))
-  return flat
-
-
-def load_params(npz_path: str) -> Any:
-  """Reads an npz of torch-named weights into the Flax tree, checking names and shapes."""
-  template = abstract_params()
-  names = torch_names(template)
-  data = np.load(npz_path)
-  missing = sorted(set(names) - set(data.files))
-  if missing:
-    raise KeyError(f"{npz_path} lacks {len(missing)} weights, e.g. {missing[:3]}")
-  flat = {}
-  for name, keys in names.items():
-    value = _to_flax(keys[-1], np.asarray(data[name], np.float32))
-    expected = functools.reduce(lambda t, k: t[k], keys, template).shape
-    if value.shape != expected:
-      raise ValueError(f"{name}: shape {value.shape}, expected {expected}")
-    flat[keys] = value
-  return nn.FrozenDict(_unflatten(flat)).unfreeze()
-
-
-def _unflatten(flat: dict[tuple[str, ...], np.ndarray]) -> dict:
+def _checked_tree(flat: dict[tuple[str, ...], np.ndarray], template: Any, where: str) -> dict:
+  """`{path: array}` -> nested dict of jnp arrays, after `fileio.check_params` against `template`."""
   tree: dict = {}
   for keys, value in flat.items():
     node = tree
     for k in keys[:-1]:
       node = node.setdefault(k, {})
-    node[keys[-1]] = jnp.asarray(value)
-  return tree
+    node[keys[-1]] = value
+  fileio.check_params(template, tree, where)
+  return jax.tree.map(jnp.asarray, tree)
+
+
+# jax-fid's pickle: each BasicConv is {'conv': {'kernel'}, 'bn': {'scale', 'bias', 'mean', 'var'}}
+# under the same layer names as ours; the classifier heads are not part of the FID network.
+_JAX_FID_UNUSED = ("fc", "AuxLogits")
+
+
+def jax_fid_path(keys: tuple[str, ...]) -> tuple[str, ...]:
+  """Our Flax path (`('Mixed_5b', 'branch1x1', 'scale')`) -> its path in jax-fid's pickle (`(..., 'bn', 'scale')`)."""
+  *layer, leaf = keys
+  return (*layer, "conv", "kernel") if leaf == "kernel" else (*layer, "bn", leaf)
+
+
+def load_jax_fid_pickle(path: str) -> Any:
+  """jax-fid's `inception_v3_weights_fid.pickle` -> the Flax tree, checked against `abstract_params()`.
+
+  Read by `formats.array_pickle` (dicts and numeric numpy arrays only; any other
+  global is refused by name). Kernels are already `[kh, kw, in, out]`. The
+  classifier heads (`fc`, `AuxLogits`) are ignored, and so are all-zero conv
+  biases (the FID network's convs have none); any other entry, a missing leaf or
+  a wrong shape is an error naming it.
+  """
+  raw = array_pickle.load_file(path)
+  if not isinstance(raw, dict):
+    raise UserInputError(f"{path}: expected a dict of layers (jax-fid's layout), got {type(raw).__name__}")
+  found = {}
+  for keys, value in _flatten_dict(raw, path):
+    if keys[0] in _JAX_FID_UNUSED or (keys[-2:] == ("conv", "bias") and not np.any(value)):
+      continue
+    found[keys] = value
+  template = abstract_params()
+  flat, missing = {}, []
+  for path_keys, _ in jax.tree_util.tree_flatten_with_path(template)[0]:
+    keys = tuple(p.key for p in path_keys)
+    src = jax_fid_path(keys)
+    if src in found:
+      flat[keys] = _as_float32(found.pop(src))
+    else:
+      missing.append("/".join(src))
+  if missing:
+    raise UserInputError(f"{path}: lacks {len(missing)} Inception weights, e.g. {missing[:3]}")
+  if found:
+    extra = sorted("/".join(k) for k in found)
+    raise UserInputError(f"{path}: {len(extra)} entries that are not Inception FID weights, e.g. {extra[:3]}")
+  return _checked_tree(flat, template, path)
+
+
+def _flatten_dict(tree: dict, where: str, prefix: tuple[str, ...] = ()):
+  """Yields `(keys, array)` of a nested dict of arrays; anything else is an error naming its path."""
+  for k, v in tree.items():
+    keys = (*prefix, str(k))
+    if isinstance(v, dict):
+      yield from _flatten_dict(v, where, keys)
+    elif isinstance(v, np.ndarray):
+      yield keys, v
+    else:
+      raise UserInputError(f"{where}: {'/'.join(keys)} is a {type(v).__name__}, not an array or a dict")
 
 
 def convert_torch_checkpoint(pth_path: str, npz_path: str) -> int:
@@ -366,31 +468,72 @@ def fid_from_features(features_a: np.ndarray, features_b: np.ndarray) -> float:
   return frechet.frechet_distance_features(features_a, features_b)
 
 
-def load_reference_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
-  """(mu, sigma) from an npz with keys `mu`, `sigma` (pytorch-fid's stats format)."""
-  data = np.load(path)
-  return np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+def load_reference_stats(path: str, dim: int = FEATURE_DIM) -> tuple[np.ndarray, np.ndarray]:
+  """(mu `[dim]`, sigma `[dim, dim]`) float64 from an npz with keys `mu`, `sigma` (pytorch-fid's format).
+
+  Checked: a readable npz, both keys, numeric dtypes, those shapes, finite values.
+  """
+  fileio.require_file(path, "reference statistics file")
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+    raise UserInputError(f"{path}: not a readable npz file ({type(e).__name__}: {one_line(e, 200)})") from e
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    raise UserInputError(f"{path}: a single .npy array, not an npz with 'mu' and 'sigma'")
+  with data:
+    if "mu" not in data.files or "sigma" not in data.files:
+      raise UserInputError(f"{path}: needs arrays 'mu' and 'sigma' (pytorch-fid's format); has {sorted(data.files)}")
+    try:
+      stats = {"mu": data["mu"], "sigma": data["sigma"]}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+      raise UserInputError(f"{path}: an array cannot be read ({type(e).__name__}: {one_line(e, 200)})") from e
+  for key, shape in (("mu", (dim,)), ("sigma", (dim, dim))):
+    x = stats[key]
+    if x.dtype.kind not in "biuf":
+      raise UserInputError(f"{path}: {key!r} must be a real array, got {x.dtype}")
+    if x.shape != shape:
+      raise UserInputError(f"{path}: {key!r} has shape {x.shape}, expected {shape}")
+    bad = int(x.size - np.isfinite(x).sum())
+    if bad:
+      raise UserInputError(f"{path}: {key!r} holds {bad} non-finite values")
+  return np.asarray(stats["mu"], np.float64), np.asarray(stats["sigma"], np.float64)
 
 
 def save_reference_stats(path: str, features: np.ndarray) -> None:
+  """Writes `mu`, `sigma` of features `[N, 2048]` to an npz (the format `load_reference_stats` reads)."""
   mu, sigma = frechet.feature_stats(features)
-  np.savez(path, mu=mu, sigma=sigma)
+  fileio.write_npz(path, mu=mu, sigma=sigma)
 
 
+@registry.register("inception_fid", files=("weights", "reference_stats"))
 class InceptionEvaluator:
-  """FID against reference statistics: `evaluator(images [-1,1] NHWC) -> {'fid': ...}`."""
+  """FID against reference statistics: `evaluator(images [N, H, W, C] in [-1, 1], labels=None) -> {'fid'}`.
+
+  `weights`: an npz (converted from pytorch-fid) or jax-fid's pickle (`load_weights`);
+  `reference_stats`: an npz of `mu`, `sigma`. Both are read and checked here, before
+  any image is scored. `resize_to`: the side images are resized to (299 for FID;
+  smaller, down to 75, only for tests); `batch_size`: images per forward pass.
+  """
 
   name = "inception_fid"
+  kind = "samples"
 
-  def __init__(self, weights_npz: str, reference_stats: str, batch_size: int = 64):
-    self.params = load_params(weights_npz)
+  def __init__(self, weights: str, reference_stats: str, batch_size: int = 64, resize_to: int | None = INPUT_SIZE):
+    if not (isinstance(batch_size, int) and batch_size > 0):
+      raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if resize_to is not None and resize_to < MIN_INPUT_SIZE:
+      raise ValueError(f"resize_to must be at least {MIN_INPUT_SIZE} (or None), got {resize_to}")
     self.mu, self.sigma = load_reference_stats(reference_stats)
-    self.batch_size = batch_size
+    self.params = load_weights(weights)
+    self.batch_size, self.resize_to = batch_size, resize_to
+
+  def features(self, images: np.ndarray) -> np.ndarray:
+    """pool3 features `[N, 2048]` of images `[N, H, W, C]` in `[-1, 1]`."""
+    return inception_features(self.params, images, self.batch_size, self.resize_to)
 
   def __call__(self, images: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
     del labels
-    feats = inception_features(self.params, images, self.batch_size)
-    mu, sigma = frechet.feature_stats(feats)
+    mu, sigma = frechet.feature_stats(self.features(images))
     return {"fid": frechet.frechet_distance(mu, sigma, self.mu, self.sigma)}
 
 

@@ -6,6 +6,9 @@ Both functions return one value per image, `[B]`. SSIM's luminance term is not
 shift invariant, so `ssim` first shifts images to `[0, data_range]`
 (`data_min`, default -1 when `data_range == 2`, else 0): SSIM of [-1, 1] images
 equals SSIM of the same images mapped to [0, 1], as usually reported.
+
+`RestorationEvaluator` is the registered `restoration` evaluator (`registry`):
+`evaluator(restored, clean, observed=None)` -> the set means.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from emd_jax.evaluators import registry
 
 Array = jax.Array
 
@@ -75,3 +80,32 @@ def ssim(
   num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
   den = (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
   return jnp.mean(num / den, axis=(1, 2, 3))
+
+
+@registry.register("restoration", kind="restoration")
+class RestorationEvaluator:
+  """The `restoration` evaluator: mean PSNR and SSIM of restored vs clean images.
+
+  `evaluator(restored [N, H, W, C], clean [N, H, W, C], observed=None)` returns
+  `{'psnr', 'ssim'}`, plus `psnr_observed` (PSNR of `observed`, the observation in
+  image space, e.g. `A^T y`: the baseline a restoration must beat) when given.
+  `data_range`: as `psnr` / `ssim` (2.0 for images in [-1, 1]).
+  """
+
+  name = "restoration"
+  kind = "restoration"
+
+  def __init__(self, data_range: float = 2.0):
+    if not data_range > 0:
+      raise ValueError(f"data_range must be > 0, got {data_range}")
+    self.data_range = float(data_range)
+
+  def __call__(self, restored: Array, clean: Array, observed: Array | None = None) -> dict[str, float]:
+    r = self.data_range
+    out = {
+      "psnr": float(jnp.mean(psnr(restored, clean, data_range=r))),
+      "ssim": float(jnp.mean(ssim(restored, clean, data_range=r))),
+    }
+    if observed is not None:
+      out["psnr_observed"] = float(jnp.mean(psnr(observed, clean, data_range=r)))
+    return out
