@@ -31,3 +31,24 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "slow" in item.keywords:
       item.add_marker(skip_slow)
+
+
+# ----------------------------------------------------------------------------
+# Shared fixtures. The plain helpers behind them (tree comparisons, dotted config overrides, the
+# recording optimizer, one step's gradients) are in tests/helpers.py, importable from any test module.
+
+
+@pytest.fixture
+def gmm_tiny():
+  """`configs/gmm.py:tiny` with dotted overrides: `gmm_tiny(batch_size=32, **{"estep.gamma_z": 0.01})`."""
+  import helpers
+
+  return helpers.gmm_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_teacher(tmp_path_factory) -> str:
+  """Directory of an untrained one-level 16 x 16 x 1 SongUNet teacher (quality not under test)."""
+  import helpers
+
+  return helpers.save_tiny_unet_teacher(str(tmp_path_factory.mktemp("tiny_unet") / "teacher"))

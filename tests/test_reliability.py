@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import gmm_tiny
+from helpers import trees_equal as _equal
 
-from configs.gmm import get_config
 from emd_jax.jobs import distill as train
 from emd_jax.runtime import checkpoint as ckpt_lib
 from emd_jax.runtime import loop
@@ -32,19 +33,7 @@ BASE = {
 
 
 def tiny(**overrides):
-  c = get_config("tiny")
-  for k, v in {**BASE, **overrides}.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
-
-
-def _equal(a, b) -> bool:
-  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb, strict=True))
+  return gmm_tiny(**{**BASE, **overrides})
 
 
 def _restore(workdir, like, step: int | None = None):

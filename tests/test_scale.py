@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
+from helpers import assert_trees_close, assert_trees_equal, flat, gmm_tiny, init_student_params, rel_err, step_gradients
 
-from configs.gmm import get_config
 from emd_jax.distill.state import create_state
 from emd_jax.jobs import distill as train
 from emd_jax.runtime import checkpoint as ckpt_lib
@@ -21,17 +21,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _setup(**overrides):
-  c = get_config("tiny")
-  c.batch_size = 32
-  for k, v in overrides.items():
-    c[k] = v
+  c = gmm_tiny(batch_size=32, **overrides)
   train.validate_distill(c)
   return c, train.build_setup(c)
 
 
-def _run_steps(setup, mesh, n=2, method_params=None):
+def _run_steps(setup, mesh, n=2):
   key = jax.random.PRNGKey(0)
-  params = setup.module.init(key, jnp.zeros((1, 2)), jnp.ones((1,)))["params"]
+  params = init_student_params(setup, key)
   abstract = train.abstract_state(setup, key)
   step, state_sh, teacher_sh = train.sharded_step(setup, mesh, abstract)
   state = jax.device_put(create_state(key, params, setup.tx_gen, setup.tx_fake), state_sh)
@@ -40,43 +37,47 @@ def _run_steps(setup, mesh, n=2, method_params=None):
   return jax.device_get(state), m
 
 
-def _close(a, b, rtol=1e-5, atol=1e-6):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+# Gradient accumulation: the step's GRADIENTS (read off a recording optimizer) of one batch of 32
+# split into 2 micro-batches equal those of the whole batch. Parameters after Adam would hide a
+# constant factor; a recorded gradient does not. "emd_simloss" with gamma_z > 0 moves the latent, so
+# the M-step re-runs the generator at z_K inside each micro-batch.
+ACCUM_CASES = {
+  "emd_sim": {"method": "emd_sim"},
+  "emd_simloss_moving_z": {"method": "emd_simloss", "estep.gamma_z": 0.002},
+}
 
 
-@pytest.mark.parametrize("method", ["emd_sim", "sim"])
-def test_gradient_accumulation_equals_one_big_batch(method):
-  mesh = parallel.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
-  _, s1 = _setup(method=method)
-  _, s4 = _setup(method=method, grad_accum_steps=4)
-  a, _ = _run_steps(s1, mesh)
-  b, _ = _run_steps(s4, mesh)
-  _close(a.gen_params, b.gen_params, rtol=2e-4, atol=2e-6)
-  _close(a.fake_params, b.fake_params, rtol=2e-4, atol=2e-6)
+@pytest.mark.parametrize("case", sorted(ACCUM_CASES))
+def test_gradient_accumulation_equals_one_big_batch(case):
+  kw = ACCUM_CASES[case]
+  g1, f1, _ = step_gradients(gmm_tiny(batch_size=32, **kw))
+  g2, f2, _ = step_gradients(gmm_tiny(batch_size=32, grad_accum_steps=2, **kw))
+  for name, one, two in (("generator", g1, g2), ("fake", f1, f2)):
+    assert np.linalg.norm(flat(one)) > 1e-3, name  # a real gradient, not the guard's zeros
+    # 2 x, 0.5 x or a dropped / repeated micro-batch is an O(1) relative error; summation order ~1e-6.
+    assert rel_err(two, one) < 1e-4, (name, rel_err(two, one))
+    assert_trees_close(two, one, rtol=2e-3, atol=1e-5 * np.abs(flat(one)).max(), err_msg=name)
 
 
 def test_remat_changes_memory_not_results():
-  mesh = parallel.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
-  _, s_none = _setup()
-  _, s_full = _setup(remat="full")
-  a, _ = _run_steps(s_none, mesh)
-  b, _ = _run_steps(s_full, mesh)
-  _close(a.gen_params, b.gen_params, rtol=1e-5, atol=1e-7)
+  """Rematerialisation recomputes the same activations: one step's recorded gradients agree to round-off."""
+  g0, f0, _ = step_gradients(gmm_tiny(batch_size=32))
+  g1, f1, _ = step_gradients(gmm_tiny(batch_size=32, remat="full"))
+  assert np.linalg.norm(flat(g0)) > 1e-3
+  assert rel_err(g1, g0) < 1e-5 and rel_err(f1, f0) < 1e-5, (rel_err(g1, g0), rel_err(f1, f0))
 
 
 def test_bfloat16_compute_keeps_float32_master_weights():
-  mesh = parallel.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
-  _, s_bf = _setup(compute_dtype="bfloat16")
-  _, s_32 = _setup()
-  a, m = _run_steps(s_bf, mesh, n=3)
-  b, _ = _run_steps(s_32, mesh, n=3)
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(a.gen_params))
+  """bf16 activations: float32 parameters and gradients, and gradients within a bf16-sized error of the
+  float32 step's on the same state (not equal: bf16 really computes; not far: nothing lost to a cast)."""
+  g_bf, f_bf, m = step_gradients(gmm_tiny(batch_size=32, compute_dtype="bfloat16"))
+  g_32, f_32, _ = step_gradients(gmm_tiny(batch_size=32))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((g_bf, f_bf)))
   assert int(m["nonfinite/total"]) == 0
-  # bf16 activations perturb the update slightly, not wildly.
-  pairs = zip(jax.tree.leaves(a.gen_params), jax.tree.leaves(b.gen_params), strict=True)
-  da = np.concatenate([np.ravel(x - y) for x, y in pairs])
-  assert 0 < np.abs(da).max() < 1e-2
+  # Measured: 0.019 (generator) and 0.021 (fake) relative error in the whole gradient.
+  err_gen, err_fake = rel_err(g_bf, g_32), rel_err(f_bf, f_32)
+  assert 1e-4 < err_gen < 0.035, err_gen  # float8 inputs to the first layer: 0.039
+  assert 1e-4 < err_fake < 0.035, err_fake
 
 
 def test_checkpoint_written_on_one_mesh_restores_on_another(tmp_path):
@@ -94,7 +95,7 @@ def test_checkpoint_written_on_one_mesh_restores_on_another(tmp_path):
     sh = parallel.tree_shardings(abstract, mesh, min_size=1)  # shard even tiny leaves, to exercise resharding
     restored, _ = ck.restore(2, ckpt_lib.abstract_like(abstract, sh))
     assert jax.tree.leaves(restored.gen_params)[0].sharding.mesh.shape == mesh.shape
-    _close(state8.gen_params, jax.device_get(restored.gen_params), rtol=0, atol=0)
+    assert_trees_equal(state8.gen_params, jax.device_get(restored.gen_params))
   ck.close()
 
 
@@ -158,5 +159,5 @@ def test_two_processes_match_one_process(tmp_path):
     with open(tmp_path / d / "export" / "params.msgpack", "rb") as f:
       return serialization.msgpack_restore(f.read())
 
-  _close(load("one"), load("two"), rtol=1e-5, atol=1e-6)
+  assert_trees_close(load("one"), load("two"), rtol=1e-5, atol=1e-6)
   assert (tmp_path / "two" / "checkpoints" / "6").exists()

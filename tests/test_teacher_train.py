@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import trees_equal as _leaves_equal
 
 from configs.teacher_digits import get_config
 from emd_jax import nets, teachers
@@ -21,12 +22,6 @@ def _tiny_module(label_dim: int = 0):
   c = get_config("tiny,cond" if label_dim else "tiny")
   spec = teacher_train.net_spec(c)
   return nets.build(spec), spec
-
-
-def _leaves_equal(a, b) -> bool:
-  return all(
-    np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-  )
 
 
 @pytest.fixture(scope="module")
