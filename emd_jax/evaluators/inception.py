@@ -307,14 +307,7 @@ def load_params(npz_path: str) -> Any:
   """Reads an npz of torch-named weights into the Flax tree, checking names, shapes and values."""
   template = abstract_params()
   names = torch_names(template)
-  fileio.require_file(npz_path, "Inception weights npz")
-  try:
-    data = np.load(npz_path, allow_pickle=False)
-  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-    raise UserInputError(f"{npz_path}: not a readable npz file ({type(e).__name__}: {one_line(e, 200)})") from e
-  if not isinstance(data, np.lib.npyio.NpzFile):
-    raise UserInputError(f"{npz_path}: a single .npy array, not an npz of Inception weights")
-  with data:
+  with fileio.open_npz(npz_path, "Inception weights npz", "of Inception weights") as data:
     missing = sorted(set(names) - set(data.files))
     if missing:
       raise UserInputError(f"{npz_path}: lacks {len(missing)} Inception weights, e.g. {missing[:3]}")
@@ -473,14 +466,7 @@ def load_reference_stats(path: str, dim: int = FEATURE_DIM) -> tuple[np.ndarray,
 
   Checked: a readable npz, both keys, numeric dtypes, those shapes, finite values.
   """
-  fileio.require_file(path, "reference statistics file")
-  try:
-    data = np.load(path, allow_pickle=False)
-  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-    raise UserInputError(f"{path}: not a readable npz file ({type(e).__name__}: {one_line(e, 200)})") from e
-  if not isinstance(data, np.lib.npyio.NpzFile):
-    raise UserInputError(f"{path}: a single .npy array, not an npz with 'mu' and 'sigma'")
-  with data:
+  with fileio.open_npz(path, "reference statistics file", "with 'mu' and 'sigma'") as data:
     if "mu" not in data.files or "sigma" not in data.files:
       raise UserInputError(f"{path}: needs arrays 'mu' and 'sigma' (pytorch-fid's format); has {sorted(data.files)}")
     try:

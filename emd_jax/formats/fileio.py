@@ -198,6 +198,22 @@ def check_params(expected: Any, params: Any, where: str, dtype: str | None = Non
 # Images.
 
 
+def open_npz(path: str, what: str, expected: str) -> np.lib.npyio.NpzFile:
+  """Opens the npz at `path` (no pickles) or raises `UserInputError` naming it.
+
+  `what` names the file in the missing-file message; `expected` says what it should hold (for the
+  message when it is a single .npy array). Use it as a context manager.
+  """
+  require_file(path, what)
+  try:
+    f = np.load(path, allow_pickle=False)
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+    raise UserInputError(f"{path}: not a readable npz file ({type(e).__name__}: {one_line(e, 200)})") from e
+  if not isinstance(f, np.lib.npyio.NpzFile):
+    raise UserInputError(f"{path}: a single .npy array, not an npz {expected}")
+  return f
+
+
 def read_images_npz(path: str, flag: str = "--input") -> tuple[np.ndarray, bool]:
   """Clean images from an npz: `images` (uint8 `[N, H, W, C]` or `[N, H, W]`) or `samples` (float, [-1, 1]).
 
@@ -206,14 +222,7 @@ def read_images_npz(path: str, flag: str = "--input") -> tuple[np.ndarray, bool]
   a wrong dtype or rank, no images, non-finite values, values outside [-1.5, 1.5]
   (a [0, 255] or [0, 1] float array saved as `samples`, say).
   """
-  require_file(path, f"{flag} npz")
-  try:
-    f = np.load(path, allow_pickle=False)
-  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-    raise UserInputError(f"{path}: not a readable npz file ({type(e).__name__}: {one_line(e, 200)})") from e
-  if not isinstance(f, np.lib.npyio.NpzFile):
-    raise UserInputError(f"{path}: a single .npy array, not an npz with 'images' or 'samples'")
-  with f:
+  with open_npz(path, f"{flag} npz", "with 'images' or 'samples'") as f:
     key = "images" if "images" in f.files else "samples" if "samples" in f.files else None
     if key is None:
       raise UserInputError(f"{path}: needs an 'images' (uint8) or 'samples' (float) array; has {sorted(f.files)}")
