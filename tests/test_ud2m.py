@@ -12,32 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import override, save_tiny_unet_teacher
 
 from emd_jax import cli, restore
 from emd_jax.formats import ud2m_export as export_lib
 from emd_jax.jobs import ud2m
-from emd_jax.nets import build
 from emd_jax.nets import lora as lora_lib
-from emd_jax.teachers import network
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _tiny_teacher(path: str, channels: int = 1) -> str:
-  spec = dict(
-    arch="song_unet",
-    precond="edm",
-    img_resolution=16,
-    in_channels=channels,
-    model_channels=8,
-    channel_mult=[1],
-    num_blocks=1,
-    attn_resolutions=[16],
-    dropout=0.0,
-  )
-  x = jnp.zeros((1, 16, 16, channels))
-  params = jax.jit(build(spec).init)(jax.random.PRNGKey(0), x, jnp.ones((1,)), None)["params"]
-  return network.save(path, spec, params)
 
 
 def _config(name: str, teacher: str, **overrides):
@@ -46,18 +28,12 @@ def _config(name: str, teacher: str, **overrides):
   spec.loader.exec_module(module)
   c = module.get_config("tiny")
   c.teacher.checkpoint = teacher
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return override(c, **overrides)
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-  return _tiny_teacher(str(tmp_path_factory.mktemp("ud2m") / "teacher"))
+  return save_tiny_unet_teacher(str(tmp_path_factory.mktemp("ud2m") / "teacher"))
 
 
 @pytest.fixture(scope="module")
@@ -219,11 +195,11 @@ def test_export_and_restore_cli_round_trip(teacher_dir, run_2, tmp_path):
 @pytest.mark.parametrize("name", ["ud2m_digits_inpaint", "ud2m_imagenet_deblur"])
 def test_config_two_step_tiny_run(name, tmp_path):
   if name == "ud2m_imagenet_deblur":  # the paper's settings at a tiny size: 3 channels, digits as data
-    teacher = _tiny_teacher(str(tmp_path / "teacher3"), channels=3)
+    teacher = save_tiny_unet_teacher(str(tmp_path / "teacher3"), channels=3)
     c = _config(name, teacher, **{"data.name": "digits", "data.resolution": 16, "data.preprocess": "auto"})
     c.eval_split = "test"
   else:
-    c = _config(name, _tiny_teacher(str(tmp_path / "teacher")))
+    c = _config(name, save_tiny_unet_teacher(str(tmp_path / "teacher")))
   out = ud2m.train_and_evaluate(c, str(tmp_path / "run"))
   assert out["step"] == 2 and np.isfinite(out["eval/psnr"])
   sampler = export_lib.load_sampler(str(tmp_path / "run" / "export"))
