@@ -57,12 +57,13 @@ class LoopConfig:
     )
 
 
-def _flatten(d, prefix: str = "") -> dict:
+def flatten_dotted(d, prefix: str = "") -> dict:
+  """A nested dict as one level with dotted keys (`{'a': {'b': 1}}` -> `{'a.b': 1}`)."""
   if not isinstance(d, dict):
     return {prefix.rstrip("."): d}
   out = {}
   for k, v in d.items():
-    out.update(_flatten(v, f"{prefix}{k}."))
+    out.update(flatten_dotted(v, f"{prefix}{k}."))
   return out
 
 
@@ -70,7 +71,7 @@ def fingerprint_diff(saved, current: dict, limit: int = 6) -> list[str]:
   """Human-readable differences between a checkpoint's fingerprint and this run's."""
   if saved is None:
     return ["the checkpoint has no fingerprint"]
-  a, b = _flatten(saved), _flatten(json.loads(json.dumps(current)))
+  a, b = flatten_dotted(saved), flatten_dotted(json.loads(json.dumps(current)))
   out = []
   for key in sorted(set(a) | set(b)):
     if a.get(key, "<absent>") != b.get(key, "<absent>"):

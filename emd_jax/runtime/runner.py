@@ -93,13 +93,7 @@ def sharded_init(init: Callable[..., Any], state_shardings, inputs: tuple, mesh:
 def hparams(config) -> dict:
   """The config's scalar leaves with dotted names (TensorBoard's hparams)."""
 
-  def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-  return {k: v for k, v in flat(config.to_dict()).items() if isinstance(v, (int, float, str, bool))}
+  return {k: v for k, v in loop.flatten_dotted(config.to_dict()).items() if isinstance(v, (int, float, str, bool))}
 
 
 def run_job(job: Job, config, workdir: str) -> dict:
