@@ -185,3 +185,34 @@ def test_real_process(tmp_path, args, message):
   r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
   assert r.returncode == 2, r.stderr[-2000:]
   assert message in r.stderr and "Traceback" not in r.stderr + r.stdout, r.stderr[-2000:]
+
+
+def test_inception_fid_without_its_files_fails_at_validation(tmp_path):
+  """`eval.evaluator=inception_fid` is checked with the config, before the teacher or any compute."""
+  from configs.digits import get_config
+  from emd_jax.config.validation import ConfigError, validate_distill
+
+  c = get_config("tiny")
+  c.eval.evaluator = "inception_fid"
+  with pytest.raises(ConfigError, match=r"eval\.inception_fid\.weights"):
+    validate_distill(c)
+  c.eval.inception_fid = {"weights": str(tmp_path / "absent.npz"), "reference_stats": str(tmp_path / "absent.npz")}
+  with pytest.raises(ConfigError, match="absent.npz"):
+    validate_distill(c)
+
+
+def test_ud2m_scores_with_a_restoration_evaluator_only():
+  """UD2M's PSNR/SSIM come from the registry's `restoration` evaluator; a samples-kind one is refused."""
+  import ml_collections
+  from configs.ud2m_digits_deblur import get_config
+  from emd_jax.config.validation import ConfigError
+  from emd_jax.jobs import ud2m
+
+  c = get_config()
+  ud2m.validate(c)  # no eval section: the `restoration` evaluator's defaults
+  c.eval = ml_collections.ConfigDict({"evaluator": "digits"})
+  with pytest.raises(ConfigError, match=r"eval\.evaluator.*restoration kind"):
+    ud2m.validate(c)
+  c.eval = ml_collections.ConfigDict({"evaluator": "restoration", "restoration": {"data_range": 2.0, "gamma": 1}})
+  with pytest.raises(ConfigError, match=r"eval\.restoration\.gamma"):
+    ud2m.validate(c)

@@ -112,6 +112,8 @@ def distill_config() -> ml_collections.ConfigDict:
   c.eval.evaluator = ""
   c.eval.batch_size = 256
   c.eval.grid_size = 64
+  # The files of `inception_fid` (README "Inception FID"): converted npz or jax-fid pickle, mu/sigma npz.
+  c.eval.inception_fid = ml_collections.ConfigDict({"weights": "", "reference_stats": "", "batch_size": 64})
 
   c.log_every = 100
   c.eval_every = 5000

@@ -68,6 +68,10 @@ def validate_common(config) -> None:
     _require(0 <= config.seed < 2**31, "seed", f"must be in [0, 2^31), got {config.seed}")
   if "mesh" in config:
     _check_mesh(config)
+  if "eval" in config and config.eval is not None:
+    from emd_jax.evaluators import registry
+
+    registry.check_config(config.eval)  # names, arguments and files of the evaluator, before any compute
   if config.get("debug") is not None:
     _check_debug(config.debug)
 

@@ -39,6 +39,7 @@ class DistillSetup:
   step_cfg: StepConfig
   tx_gen: object
   tx_fake: object
+  evaluator: object = None  # built once from config.eval (evaluators.registry); None: no scores
 
   def net_apply(self, params, x, sigma, labels=None):
     return self.module.apply({"params": params}, x, sigma, labels)
@@ -102,7 +103,22 @@ def build_setup(config, teacher: Teacher | None = None) -> DistillSetup:
   )
   tx_gen = make_optimizer(config.generator, config.total_steps)
   tx_fake = make_optimizer(config.fake, config.total_steps)
-  return DistillSetup(teacher, spec, module, step_cfg, tx_gen, tx_fake)
+  return DistillSetup(teacher, spec, module, step_cfg, tx_gen, tx_fake, build_evaluator(config, teacher))
+
+
+def build_evaluator(config, teacher: Teacher):
+  """The run's evaluator, built once (its files read and checked here, before any compute).
+
+  The analytic GMM teacher is scored by the exact mixture figures (`gmm`); image teachers by
+  `config.eval.evaluator` (default `digits`); other vector teachers get no scores.
+  """
+  from emd_jax.evaluators import registry
+
+  if teacher.spec.get("kind") == "gmm":
+    return registry.build({"evaluator": "gmm"}, teacher=teacher)
+  if len(teacher.data_shape) == 3:
+    return registry.build(_eval_cfg(config))
+  return None
 
 
 def initial_student_params(config, setup: DistillSetup, rng):
@@ -156,13 +172,11 @@ def evaluate(
     return _evaluate_images(config, setup, params, rng, step, workdir)
   z = setup.step_cfg.sigma_init * jax.random.normal(rng, (n, *setup.teacher.data_shape))
   x = _generate(setup, params, z)
-  if setup.teacher.spec.get("kind") == "gmm":
-    from emd_jax.evaluators.gmm import gmm_metrics, scatter_image
+  if setup.evaluator is None:
+    return {}, {}
+  from emd_jax.evaluators.gmm import scatter_image
 
-    return gmm_metrics(np.asarray(x), jax.device_get(setup.teacher.params)), {
-      "samples": scatter_image(np.asarray(x))[None]
-    }
-  return {}, {}
+  return setup.evaluator(np.asarray(x)), {"samples": scatter_image(np.asarray(x))[None]}
 
 
 def _generate(setup: DistillSetup, params, z, labels=None, batch_size: int | None = None):
@@ -304,4 +318,4 @@ def _evaluate_images(
   ecfg = _eval_cfg(config)
   x, labels = _image_samples(config, setup, params, rng, config.eval_num_samples)
   png_dir = workdir if step is not None else None
-  return image_eval.evaluate_and_grid(png_dir, step or 0, x, labels, ecfg["evaluator"], ecfg["grid_size"])
+  return image_eval.evaluate_and_grid(png_dir, step or 0, x, labels, setup.evaluator, ecfg["grid_size"])

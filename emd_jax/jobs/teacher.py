@@ -33,6 +33,7 @@ import optax
 from emd_jax import nets
 from emd_jax.config.validation import ConfigError, validate_common
 from emd_jax.diffusion import dsm_loss, heun_sample, noise_dist_from_config
+from emd_jax.evaluators import registry
 from emd_jax.runtime import logs as metrics_lib
 from emd_jax.runtime import runner
 from emd_jax.teachers.guidance import guided_apply
@@ -174,6 +175,7 @@ def make_job(config, workdir: str) -> runner.Job:
   init = lambda: create_state(k_state, init_params(module, k_init, data_shape, label_dim), tx)  # noqa: E731
   step = make_train_step(module, tx, dist, config.ema_decay, sigma_data, label_dim > 0)
   sampler = make_sampler(module, config.eval.num_steps, config.guidance if label_dim else 1.0)
+  evaluator = registry.build(config.eval)  # once, its files checked before any compute
 
   def batches(start: int):
     return pipeline.make_train_iterator(
@@ -185,9 +187,7 @@ def make_job(config, workdir: str) -> runner.Job:
     rng = jax.random.fold_in(k_eval, step)
     t0 = time.perf_counter()
     x, labels = generate(sampler, st.ema, rng, num, data_shape, label_dim, config.eval.batch_size)
-    scalars, images = image_eval.evaluate_and_grid(
-      workdir, step, x, labels, config.eval.evaluator, config.eval.grid_size
-    )
+    scalars, images = image_eval.evaluate_and_grid(workdir, step, x, labels, evaluator, config.eval.grid_size)
     scalars["eval_seconds"] = time.perf_counter() - t0
     return scalars, images
 

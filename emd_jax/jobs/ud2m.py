@@ -42,7 +42,7 @@ from flax import struct
 
 from emd_jax import teachers
 from emd_jax.config.validation import ConfigError, validate_common
-from emd_jax.evaluators.restoration import psnr, ssim
+from emd_jax.evaluators import registry
 from emd_jax.formats import ud2m_export as export_lib
 from emd_jax.nets import lora as lora_lib
 from emd_jax.posterior import discriminator as disc_lib
@@ -183,9 +183,17 @@ class UD2MSetup:
     )
 
 
+def _eval_config(config):
+  """`config.eval`, or the `restoration` evaluator's defaults when the config has none."""
+  return config.get("eval") or {"evaluator": "restoration"}
+
+
 def validate(config) -> None:
   """Semantic checks of a UD2M config (one line naming the field on failure)."""
   validate_common(config)
+  name = _eval_config(config).get("evaluator") or ""
+  if not name or registry.kind(name) != "restoration":
+    raise ConfigError("eval.evaluator", f"UD2M needs an evaluator of the restoration kind, got {name!r}")
 
   def req(cond, field, msg):
     if not cond:
@@ -413,6 +421,9 @@ class Evaluator:
     self.setup = setup
     self.mesh = mesh
     self._restore = jax.jit(setup.restore)
+    # PSNR / SSIM (and PSNR of A^T y) from the registry's `restoration` evaluator, or the
+    # restoration-kind evaluator a config names in `eval.evaluator` (checked by `validate`).
+    self.metrics = registry.build(_eval_config(c))
 
   def _place(self, y: Array) -> Array:
     """Batches that split evenly go on the mesh's data axes (the sampler then runs sharded)."""
@@ -425,12 +436,9 @@ class Evaluator:
       for i in range(0, self.y.shape[0], self.batch)
     ]
     restored = jnp.concatenate(out)
-    scalars = {
-      "eval/psnr": float(jnp.mean(psnr(restored, self.clean))),
-      "eval/ssim": float(jnp.mean(ssim(restored, self.clean))),
-      "eval/psnr_observed": float(jnp.mean(psnr(self.setup.operator.backproject(self.y), self.clean))),
-    }
-    return scalars, {"restoration": restoration_grid(self.clean, self.setup.operator.backproject(self.y), restored)}
+    observed = self.setup.operator.backproject(self.y)
+    scalars = {f"eval/{k}": v for k, v in self.metrics(restored, self.clean, observed).items()}
+    return scalars, {"restoration": restoration_grid(self.clean, observed, restored)}
 
 
 def restoration_grid(clean, observed, restored, num: int = 8, scale: int = 4) -> np.ndarray:
