@@ -130,7 +130,8 @@ def main() -> None:
     for which, p in (("ema", state.gen_ema), ("raw", state.gen_params)):
 
       def fn(k, p=p, su=setup):
-        return train_lib._generate(su, p, su.step_cfg.sigma_init * jax.random.normal(k, (n, *su.teacher.data_shape)))
+        z = su.step_cfg.sigma_init * jax.random.normal(k, (n, *su.teacher.data_shape))
+        return train_lib._generate(su, p, z, rng=jax.random.fold_in(k, 1))  # a few-step student's noise
 
       row[which] = score_sets(fn, sets, params)
     print(json.dumps({k: v for k, v in row.items() if k != "trajectory"}), flush=True)

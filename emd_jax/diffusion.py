@@ -192,3 +192,53 @@ def heun_sample(
   x0 = noise * sigmas[0]
   x, _ = jax.lax.scan(step, x0, (sigmas[:-1], sigmas[1:]))
   return x
+
+
+# ----------------------------------------------------------------------------
+# Few-step students (generator.num_steps; docs/algorithms.md "Few-step students").
+
+
+def student_sigmas(num_steps: int, sigma_init: float, sigma_min: float, rho: float = 7.0) -> tuple[float, ...]:
+  """The default student grid: `num_steps` Karras levels from `sigma_init` down to `sigma_min`, then 0.
+
+  `(sigma_init, 0.0)` for one step, so the one-step generator is the N = 1 case. Python floats
+  (the grid is static: it is part of the step's configuration and of the export).
+  """
+  if num_steps == 1:
+    return (float(sigma_init), 0.0)
+  inv = 1.0 / rho
+  t = [(sigma_init**inv + i / (num_steps - 1) * (sigma_min**inv - sigma_init**inv)) ** rho for i in range(1, num_steps - 1)]
+  return (float(sigma_init), *(float(s) for s in t), float(sigma_min), 0.0)  # both ends exact
+
+
+def sub_grid(sigmas: tuple[float, ...], num_steps: int) -> tuple[float, ...]:
+  """`num_steps` of a trained grid's `N = len(sigmas) - 1` levels, evenly spaced by index, then 0.
+
+  Always the first level (the generator's input from pure noise) and, for two or more steps,
+  the last trained one: `sub_grid(g, N) == g`, `sub_grid(g, 1) == (g[0], 0.0)`.
+  """
+  n = len(sigmas) - 1
+  if not 1 <= num_steps <= n:
+    raise ValueError(f"num_steps must be in [1, {n}] (the trained grid has {n} steps), got {num_steps}")
+  if num_steps == 1:
+    return (sigmas[0], 0.0)
+  idx = sorted({round(i * (n - 1) / (num_steps - 1)) for i in range(num_steps)})
+  return (*(sigmas[i] for i in idx), 0.0)
+
+
+def student_sample(denoise: DenoiseFn, z: Array, sigmas: tuple[float, ...], noise: Array | None = None, labels=None):
+  """The few-step student sampler: `len(sigmas) - 1` denoiser passes (its NFE).
+
+  `z` `[B, ...]` is the first input, `sigma_0 * N(0, I)`. Step n predicts the clean image
+  `x0_n = D(x_n, sigma_n)`; unless it is the last step, it re-noises with fresh noise,
+  `x_{n+1} = x0_n + sigma_{n+1} * noise[n]` (`noise`: `[N - 1, B, ...]` standard normal, unused
+  for one step). Returns the last prediction `[B, ...]`. One step is exactly `D(z, sigma_0)`.
+  """
+  b = z.shape[0]
+  n = len(sigmas) - 1
+  x = z
+  for i in range(n):
+    x0 = denoise(x, jnp.full((b,), sigmas[i]), labels)
+    if i + 1 < n:
+      x = x0 + sigmas[i + 1] * noise[i]
+  return x0

@@ -1,7 +1,9 @@
 """Sampling from the command line.
 
-One-step generator export:
+Generator export (all its trained steps; a few-step student's NFE is its number of steps):
   python -m emd_jax.sample --generator runs/gmm/export --num 10000 --seed 0 --out samples.npz
+A few-step student with a subset of its steps (`diffusion.sub_grid`: evenly spaced, first and last kept):
+  python -m emd_jax.sample --generator runs/gmm4/export --num_steps 2 --out samples.npz
 The config's teacher with the EDM Heun sampler (2 * num_steps - 1 NFE):
   python -m emd_jax.sample --config configs/gmm.py --teacher --num_steps 18 --num 10000 --out teacher.npz
 
@@ -40,7 +42,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, sys_argv: list[str] | None 
       "teacher", False, "Sample the config's teacher with the Heun sampler.", flag_values=fv
     ),
     "num_steps": flags.DEFINE_integer(
-      "num_steps", 18, "Heun steps for --teacher (NFE = 2 * num_steps - 1).", flag_values=fv
+      "num_steps",
+      None,
+      "--teacher: Heun steps (default 18, NFE = 2 * num_steps - 1). --generator: how many of a few-step"
+      " student's trained steps to run (default all, NFE = num_steps).",
+      flag_values=fv,
     ),
     "num": flags.DEFINE_integer("num", 1000, "Number of samples.", flag_values=fv),
     "seed": flags.DEFINE_integer("seed", 0, "Random seed.", flag_values=fv),
@@ -119,7 +125,7 @@ def main(argv: list[str], holders: dict | None = None) -> None:
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   for name in ("num", "batch_size", "num_steps"):
-    if v[name] < 1:
+    if v[name] is not None and v[name] < 1:
       raise UserError(f"--{name}: must be >= 1, got {v[name]}")
   out_path = v["out"]
   if not out_path or os.path.isdir(out_path):
@@ -131,6 +137,8 @@ def main(argv: list[str], holders: dict | None = None) -> None:
 
     sampler = load_sampler(v["generator"])
     data_shape, num_classes = sampler.data_shape, sampler.num_classes
+    if v["num_steps"] is not None and v["num_steps"] > sampler.num_steps:
+      raise UserError(f"--num_steps: this generator was trained with {sampler.num_steps} step(s), got {v['num_steps']}")
   elif v["teacher"]:
     config = f["config"].value
     if config is None:
@@ -148,15 +156,20 @@ def main(argv: list[str], holders: dict | None = None) -> None:
     k_lab, k_s = jax.random.split(rng)
     if num_classes and labels is None:
       labels = np.asarray(jax.random.randint(k_lab, (v["num"],), 0, num_classes))
-    samples = np.asarray(sampler.sample(k_s, v["num"], labels=labels, batch_size=v["batch_size"]))
+    samples = np.asarray(
+      sampler.sample(k_s, v["num"], labels=labels, batch_size=v["batch_size"], num_steps=v["num_steps"])
+    )
+    nfe = sampler.nfe(v["num_steps"])
   else:
-    samples, labels = sample_teacher(teacher, rng, v["num"], v["num_steps"], labels, v["batch_size"])
+    num_steps = v["num_steps"] or 18
+    samples, labels = sample_teacher(teacher, rng, v["num"], num_steps, labels, v["batch_size"])
+    nfe = 2 * num_steps - 1
   out = write_npz(out_path, samples, labels)
   if v["grid"]:
     from emd_jax.evaluators.grids import image_grid, save_png
 
     save_png(v["grid"], image_grid(out["images"][:64]), scale=4)
-  print(f"wrote {samples.shape[0]} samples of shape {samples.shape[1:]} to {out_path}")
+  print(f"wrote {samples.shape[0]} samples of shape {samples.shape[1:]} to {out_path} ({nfe} NFE per sample)")
 
 
 _GLOBAL: dict = {}

@@ -44,6 +44,15 @@ def _run_steps(setup, mesh, n=2):
 ACCUM_CASES = {
   "emd_sim": {"method": "emd_sim"},
   "emd_simloss_moving_z": {"method": "emd_simloss", "estep.gamma_z": 0.002},
+  # A 3-step student: the simulation's noises (step-major) and each example's earlier output are
+  # split with the micro-batches; with backprop_steps the simulation re-runs inside each one.
+  "emd_sim_3_steps": {"method": "emd_sim", "generator.num_steps": 3},
+  "emd_simloss_2_steps_backprop_moving_z": {
+    "method": "emd_simloss",
+    "estep.gamma_z": 0.002,
+    "generator.num_steps": 2,
+    "generator.backprop_steps": True,
+  },
 }
 
 

@@ -57,7 +57,7 @@ def _halves(d: step_lib.Draws, n: int):
   out = []
   for sl in (slice(0, n), slice(n, 2 * n)):
     out.append(
-      d._replace(**{k: (v[:, sl] if k.startswith("fake_") else v[sl]) for k, v in d._asdict().items() if v is not None})
+      d._replace(**{k: (v[:, sl] if k.startswith("fake_") or k == "sim_noise" else v[sl]) for k, v in d._asdict().items() if v is not None})
     )
   return out
 
@@ -187,7 +187,7 @@ def test_generator_grads_di_is_the_closed_form_direction_through_a_linear_genera
   np.testing.assert_allclose(loss, -np.mean(np.sum(c * x0, axis=-1)), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(metrics["loss/score_gap"], np.mean(np.linalg.norm(c, axis=-1)), rtol=1e-4)
   # The reused VJP of train_step's generator pass gives the same gradient.
-  x0_j, vjp = jax.vjp(lambda p: step_lib.generate(cfg, NETS, p, d.z, None), gen)
+  x0_j, vjp = jax.vjp(lambda p: step_lib.generate(cfg, NETS, p, d.z, d), gen)
   _, grads_vjp, _ = step_lib.generator_grads(cfg, NETS, gen, fake, TEACHER, d, x0_j, vjp)
   _close(grads_vjp, grads)
 

@@ -61,6 +61,15 @@ def distill_config() -> ml_collections.ConfigDict:
   c.generator.decay = "none"  # or "cosine" / "linear": from lr after warm-up to lr * end_factor at total_steps
   c.generator.end_factor = 0.0
   c.generator.ema_decay = 0.999
+  # Few-step students (docs/algorithms.md "Few-step students"): N denoiser passes at the levels
+  # `sigmas` (descending, starting at sigma_init, ending at 0: N + 1 values). Empty `sigmas`: N
+  # Karras levels (rho 7) from sigma_init down to sigma_min. Each training example trains one step
+  # n ~ U{0..N-1} on the student's own earlier steps (backward simulation); `backprop_steps` also
+  # differentiates through those earlier steps (N passes fwd + bwd instead of one).
+  c.generator.num_steps = 1
+  c.generator.sigmas = ()
+  c.generator.sigma_min = 0.2
+  c.generator.backprop_steps = False
   # True: the EMA averages only the trained iterates (bias-corrected, like Adam's moments), so a
   # short run's EMA holds none of the initial weights; False: the EMA starts at the initial weights.
   c.generator.ema_debias = False

@@ -50,6 +50,37 @@ def _check_optimizer(cfg, prefix: str) -> None:
   _require(0 <= cfg.get("end_factor", 0.0) <= 1, f"{prefix}.end_factor", "must be in [0, 1]")
 
 
+def _check_student_grid(g) -> None:
+  """`generator.num_steps`, `sigmas` (or `sigma_min` for the default grid) of a few-step student."""
+  n = g.get("num_steps", 1)
+  _require(isinstance(n, int) and n >= 1, "generator.num_steps", f"must be an integer >= 1, got {n!r}")
+  sigmas = tuple(g.get("sigmas", ()) or ())
+  if not sigmas:
+    if n > 1:
+      lo = g.get("sigma_min", 0.2)
+      _require(0 < lo < g.sigma_init, "generator.sigma_min", f"must be in (0, sigma_init={g.sigma_init}), got {lo}")
+    return
+  where = "generator.sigmas"
+  _require(
+    len(sigmas) == n + 1,
+    where,
+    f"needs num_steps + 1 = {n + 1} levels (the last 0, the clean image), got {len(sigmas)}: {sigmas}",
+  )
+  try:
+    values = [float(s) for s in sigmas]
+  except (TypeError, ValueError):
+    raise ConfigError(where, f"must be numbers, got {sigmas}") from None
+  _require(all(v == v and abs(v) != float("inf") for v in values), where, f"must be finite, got {sigmas}")
+  _require(values[-1] == 0, where, f"must end at 0 (the clean image), got {values[-1]}; append 0")
+  _require(all(v > 0 for v in values[:-1]), where, f"levels before the last must be > 0, got {sigmas}")
+  _require(all(a > b for a, b in zip(values, values[1:])), where, f"must be strictly descending, got {sigmas}")
+  _require(
+    values[0] == g.sigma_init,
+    where,
+    f"starts at {values[0]} but generator.sigma_init is {g.sigma_init} (the first input is sigma_init * N(0, I))",
+  )
+
+
 def validate_common(config) -> None:
   _require(config.total_steps >= 0, "total_steps", f"must be >= 0, got {config.total_steps}")
   _require(config.batch_size > 0, "batch_size", f"must be > 0, got {config.batch_size}")
@@ -136,6 +167,7 @@ def validate_distill(config) -> None:
   _require(config.schedule in ("ve", "vp"), "schedule", f"must be 've' or 'vp', got {config.schedule!r}")
   _require(config.generator.sigma_init > 0, "generator.sigma_init", f"must be > 0, got {config.generator.sigma_init}")
   _require(0 <= config.generator.ema_decay < 1, "generator.ema_decay", "must be in [0, 1)")
+  _check_student_grid(config.generator)
   _require(config.fake.steps_per_gen_step >= 1, "fake.steps_per_gen_step", "must be >= 1")
   loop = config.fake.get("loop", "auto")
   _require(loop in FAKE_LOOPS, "fake.loop", f"must be 'auto', 'unroll' or 'scan', got {loop!r}")

@@ -60,7 +60,7 @@ def langevin_estep(
   num_steps: int,
   gamma_eps: float,
   gamma_z: Array | float = 0.0,
-  sigma_z: float = 1.0,
+  sigma_z: Array | float = 1.0,
   noise_cancellation: bool = True,
   x0: Array | None = None,
   per_example_keys: bool = False,
@@ -75,7 +75,7 @@ def langevin_estep(
     teacher_fn, fake_fn: denoise closures `(x, sigma, labels) -> D` (labels bound).
     alpha, sigma: forward-process coefficients, `[B]`.
     gamma_z: scalar or per-example `[B]` latent step size; a Python 0 freezes z.
-    sigma_z: prior std of the latent.
+    sigma_z: prior std of the latent, scalar or per-example `[B]`.
     x0: `g(z0)` if already computed (required when z is frozen).
     per_example_keys: `rng` is a batch of keys `[B]`, one per chain, so that each
       chain's noise does not depend on how the batch is split (gradient
@@ -90,6 +90,7 @@ def langevin_estep(
   s = expand_to(sigma, eps0)
   g_eps = gamma_eps
   g_z = expand_to(jnp.asarray(gamma_z, eps0.dtype), z0) if move_z else 0.0
+  sz2 = sigma_z**2 if isinstance(sigma_z, (int, float)) else expand_to(jnp.asarray(sigma_z, z0.dtype), z0) ** 2
 
   def draw(key, i, tag, like):
     if per_example_keys:
@@ -111,7 +112,7 @@ def langevin_estep(
     noise_new = (1.0 - g_eps) * noise + kick
     if move_z:
       (jtd,) = g_vjp(d)
-      grad_z = (a / s) * jtd - z / sigma_z**2
+      grad_z = (a / s) * jtd - z / sz2
       z = z + g_z * grad_z + jnp.sqrt(2.0 * g_z) * draw(rng, i, 1, z)
     ratio = jnp.mean(_per_example_norm(drift) / (_per_example_norm(kick) + 1e-12))
     return (eps_new, z, noise_new, x0_cur), (ratio, jnp.mean(_per_example_norm(d)))

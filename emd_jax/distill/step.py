@@ -2,6 +2,8 @@
 
 `train_step` composes the parts below, chosen by config (ALGORITHMS.md section 6):
 
+  0. few-step students only: each example's step n_b and its input, from the student's own
+     earlier steps (`simulate`, backward simulation)
   1. z ~ N(0, sigma_init^2 I);  x0, vjp = jax.vjp(g_theta, z)   (one generator pass)
   2. fake denoiser: `fake_steps` EDM denoising updates on stop_grad(x0)   (`fake_update`)
   3. E-step (if estep.num_steps > 0): Langevin on (eps, z) with the new fake   (`run_estep`)
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from emd_jax.diffusion import NoiseDist, Schedule
+from emd_jax.diffusion import NoiseDist, Schedule, expand_to
 from emd_jax.distill.estep import EStepResult, langevin_estep
 from emd_jax.distill.fake_score import dsm_loss_and_grad
 from emd_jax.distill.losses import LossSpec, generator_loss
@@ -85,6 +87,16 @@ class StepConfig:
   ema_debias: bool = False  # weights d^(n-k) over accepted updates k = 1..n only (no initial weights)
   grad_accum_steps: int = 1
   remat: str = "none"  # activation rematerialisation of every network pass (a key of REMAT_POLICIES)
+  # Few-step student (`generator.num_steps`, docs/algorithms.md): its grid `sigma_0 = sigma_init >
+  # ... > sigma_{N-1} > 0`, the final 0 included; () is the one-step generator. `gen_backprop`:
+  # the M-step's gradient also flows through the student's earlier steps (backward simulation).
+  gen_sigmas: tuple[float, ...] = ()
+  gen_backprop: bool = False
+
+  @property
+  def gen_steps(self) -> int:
+    """N, the student's number of steps (1: the one-step generator)."""
+    return max(1, len(self.gen_sigmas) - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +137,15 @@ class Draws(NamedTuple):
   fake_z: Array  # [S, B, ...] latents per fake step; fake_z[0] is z
   fake_sigma: Array  # [S, B]
   fake_noise: Array  # [S, B, ...]
+  # Few-step students only (None for one step); see `simulate`.
+  gen_step: Array | None = None  # [B] int: the student step n_b each example trains
+  gen_sigma: Array | None = None  # [B] that step's input level sigma_{n_b}; z and fake_z are sigma_{n_b} N(0, I)
+  sim_noise: Array | None = None  # [N-1, B, ...] the backward simulation's noises (start, then re-noising)
+  base: Array | None = None  # [B, ...] stop_grad(x0_{n_b - 1}), 0 where n_b = 0 (set by `simulate`)
+
+
+# Fields of `Draws` whose batch axis is 1 (one row per fake update or simulated step).
+STEP_MAJOR = ("fake_z", "fake_sigma", "fake_noise", "sim_noise")
 
 
 class FakeStats(NamedTuple):
@@ -145,7 +166,9 @@ def draw_randomness(cfg: StepConfig, key: Array, batch_sharding=None) -> Draws:
 
   The first fake update trains on the generator's own batch (`fake_z[0]` is `z`, so x0 = g(z) is
   shared with the M-step); further ones draw fresh latents. `batch_sharding`, if given, constrains
-  `z` and `eps`.
+  `z` and `eps`. A few-step student also draws each example's step `n_b ~ U{0..N-1}` and the
+  backward simulation's noises; its latents are scaled by `sigma_{n_b}` (a one-step student's
+  draws do not change).
   """
   b, s = cfg.batch_size, cfg.fake_steps
   shape = (b, *cfg.data_shape)
@@ -157,10 +180,22 @@ def draw_randomness(cfg: StepConfig, key: Array, batch_sharding=None) -> Draws:
   labels = None
   if cfg.num_classes:
     labels = jax.nn.one_hot(jax.random.randint(k[0], (b,), 0, cfg.num_classes), cfg.num_classes)
-  z = constrain(cfg.sigma_init * jax.random.normal(k[1], shape))
+  few = {}
+  scale = cfg.sigma_init
+  if cfg.gen_steps > 1:
+    kf = jax.random.split(jax.random.fold_in(key, 1), 2)
+    gen_step = jax.random.randint(kf[0], (b,), 0, cfg.gen_steps)
+    gen_sigma = jnp.asarray(cfg.gen_sigmas[:-1], jnp.float32)[gen_step]
+    few = {
+      "gen_step": gen_step,
+      "gen_sigma": gen_sigma,
+      "sim_noise": jax.random.normal(kf[1], (cfg.gen_steps - 1, *shape)),
+    }
+    scale = expand_to(gen_sigma, jnp.zeros(shape))
+  z = constrain(scale * jax.random.normal(k[1], shape))
   fake_z = z[None]
   if s > 1:
-    fake_z = jnp.concatenate([fake_z, cfg.sigma_init * jax.random.normal(k[5], (s - 1, *shape))])
+    fake_z = jnp.concatenate([fake_z, scale * jax.random.normal(k[5], (s - 1, *shape))])
   return Draws(
     z=z,
     labels=labels,
@@ -170,19 +205,56 @@ def draw_randomness(cfg: StepConfig, key: Array, batch_sharding=None) -> Draws:
     fake_z=fake_z,
     fake_sigma=jax.vmap(lambda kk: cfg.fake_noise.sample(kk, (b,)))(jax.random.split(k[6], s)),
     fake_noise=jax.random.normal(k[7], (s, *shape)),
+    **few,
   )
 
 
-def generate(cfg: StepConfig, nets: Nets, gen_params, z: Array, labels) -> Array:
-  """The one-step generator `g(z) = D_theta(z, sigma_init)`: `[B, ...]` latents to samples."""
-  return nets.net_apply(gen_params, z, jnp.full((z.shape[0],), cfg.sigma_init), labels)
+def generate(cfg: StepConfig, nets: Nets, gen_params, z: Array, d: Draws, through_steps: bool = False) -> Array:
+  """The generator pass that trains: `[B, ...]` latents to samples, labels from `d`.
+
+  One step: `g(z) = D_theta(z, sigma_init)`. A few-step student: the pass of each example's step
+  `n_b`, `D_theta(base + z, sigma_{n_b})` with `base = d.base` from `simulate` (no gradient), or
+  recomputed from `gen_params` when `through_steps` (gradients through the earlier steps).
+  """
+  if cfg.gen_steps == 1:
+    return nets.net_apply(gen_params, z, jnp.full((z.shape[0],), cfg.sigma_init), d.labels)
+  base = simulate(cfg, nets, gen_params, d) if through_steps else d.base
+  return nets.net_apply(gen_params, base + z, d.gen_sigma, d.labels)
+
+
+def simulate(cfg: StepConfig, nets: Nets, gen_params, d: Draws) -> Array:
+  """Backward simulation: each example's earlier-step output, from the student's own steps.
+
+  Runs the student's steps `0 .. N-2` from pure noise `sigma_0 * sim_noise[0]` exactly as the
+  sampler does (`diffusion.student_sample`: predict, re-noise to the next level with
+  `sim_noise[k + 1]`), and returns per example the prediction `x0_{n_b - 1}` its step `n_b`
+  starts from (0 where `n_b = 0`): `[B, ...]`. Never forward-noised data or teacher samples:
+  the student trains on the inputs it meets when sampling. `N - 1` passes for the whole batch.
+  """
+  sig = cfg.gen_sigmas
+  b = d.z.shape[0]
+  x = sig[0] * d.sim_noise[0]
+  base = jnp.zeros_like(d.z)
+  for k in range(cfg.gen_steps - 1):
+    x0 = nets.net_apply(gen_params, x, jnp.full((b,), sig[k]), d.labels)
+    base = jnp.where(expand_to(d.gen_step == k + 1, x0), x0, base)
+    if k + 2 < cfg.gen_steps:
+      x = x0 + sig[k + 1] * d.sim_noise[k + 1]
+  return base
+
+
+def with_base(cfg: StepConfig, nets: Nets, gen_params, d: Draws) -> Draws:
+  """`d` with `base` set by `simulate` (no gradient); `d` itself for a one-step student."""
+  if cfg.gen_steps == 1:
+    return d
+  return d._replace(base=jax.lax.stop_gradient(simulate(cfg, nets, gen_params, d)))
 
 
 def micro_batch(d: Draws, i, micro: int) -> Draws:
-  """Examples `[i * micro, (i + 1) * micro)` of `d` (axis 1 of the `fake_*` fields, else axis 0)."""
+  """Examples `[i * micro, (i + 1) * micro)` of `d` (axis 1 of the `STEP_MAJOR` fields, else axis 0)."""
   return d._replace(
     **{
-      k: jax.lax.dynamic_slice_in_dim(v, i * micro, micro, axis=1 if k.startswith("fake_") else 0)
+      k: jax.lax.dynamic_slice_in_dim(v, i * micro, micro, axis=1 if k in STEP_MAJOR else 0)
       for k, v in d._asdict().items()
       if v is not None
     }
@@ -217,7 +289,7 @@ def _micro_shapes(d: Draws, micro: int) -> dict:
   for k, v in d._asdict().items():
     if v is None:
       continue
-    axis = 1 if k.startswith("fake_") else 0
+    axis = 1 if k in STEP_MAJOR else 0
     shape = list(v.shape)
     shape[axis] = micro
     out[k] = jax.ShapeDtypeStruct(tuple(shape), v.dtype)
@@ -249,7 +321,7 @@ def fake_update(
       if x0 is not None and isinstance(s, int) and s == 0:
         x = x0
       else:
-        x = generate(cfg, nets, gen_params, part.fake_z[s], part.labels)
+        x = generate(cfg, nets, gen_params, part.fake_z[s], part)
       return dsm_loss_and_grad(
         nets.net_apply, params, x, part.fake_sigma[s], part.fake_noise[s], part.labels, cfg.sigma_data
       )
@@ -286,6 +358,8 @@ def run_estep(cfg: StepConfig, nets: Nets, gen_params, fake_params, teacher_para
 
   `x0 = g(d.z)` `[B, ...]` (not differentiated). With `gamma_z_scaling='sigma2'` the latent's step
   size is `gamma_z * sigma^2` per example. `x0` of the result is None when the latent moved.
+  A few-step student's latent is its trained step's fresh noise (prior `N(0, sigma_{n_b}^2)`),
+  the earlier steps' output `d.base` held fixed.
   """
   teacher_fn, fake_fn = _denoisers(nets, fake_params, teacher_params, d.labels)
   alpha, sigma = cfg.schedule.alpha_sigma(d.sigma)
@@ -296,7 +370,7 @@ def run_estep(cfg: StepConfig, nets: Nets, gen_params, fake_params, teacher_para
     d.chain_keys,
     d.eps,
     d.z,
-    lambda zz: generate(cfg, nets, gen_params, zz, d.labels),
+    lambda zz: generate(cfg, nets, gen_params, zz, d),
     teacher_fn,
     fake_fn,
     alpha,
@@ -304,7 +378,7 @@ def run_estep(cfg: StepConfig, nets: Nets, gen_params, fake_params, teacher_para
     num_steps=cfg.estep_steps,
     gamma_eps=cfg.gamma_eps,
     gamma_z=gamma_z,
-    sigma_z=cfg.sigma_init,
+    sigma_z=cfg.sigma_init if cfg.gen_steps == 1 else d.gen_sigma,
     noise_cancellation=cfg.noise_cancellation,
     x0=jax.lax.stop_gradient(x0),
     per_example_keys=True,
@@ -322,7 +396,7 @@ def generator_grads(
   """
   teacher_fn, fake_fn = _denoisers(nets, fake_params, teacher_params, d.labels)
   if x0 is None:
-    x0, gen_vjp = jax.vjp(lambda p: generate(cfg, nets, p, d.z, d.labels), gen_params)
+    x0, gen_vjp = jax.vjp(lambda p: generate(cfg, nets, p, d.z, d, cfg.gen_backprop), gen_params)
   alpha, sigma = cfg.schedule.alpha_sigma(d.sigma)
   eps, est, metrics = d.eps, None, {}
   if cfg.estep_steps > 0:
@@ -330,7 +404,7 @@ def generator_grads(
     metrics.update(est.stats)
     if est.x0 is None:  # the latent moved: the M-step differentiates g at z_K
       z_k = jax.lax.stop_gradient(est.z)
-      x0, gen_vjp = jax.vjp(lambda p: generate(cfg, nets, p, z_k, d.labels), gen_params)
+      x0, gen_vjp = jax.vjp(lambda p: generate(cfg, nets, p, z_k, d, cfg.gen_backprop), gen_params)
     eps = est.eps
 
   def loss_of_x0(x):
@@ -370,11 +444,13 @@ def train_step(
 ) -> tuple[DistillState, dict]:
   """One distillation step (the five steps of the module docstring): `(new_state, scalar metrics)`."""
   d = draw_randomness(cfg, step_key(state), batch_sharding)
+  # 0. A few-step student's inputs: its own earlier steps (backward simulation, no gradient).
+  d = with_base(cfg, nets, state.gen_params, d)
 
   # 1. One generator pass, kept as a VJP for the M-step (and reused by the first fake update).
   x0 = gen_vjp = None
   if cfg.grad_accum_steps == 1:
-    x0, gen_vjp = jax.vjp(lambda p: generate(cfg, nets, p, d.z, d.labels), state.gen_params)
+    x0, gen_vjp = jax.vjp(lambda p: generate(cfg, nets, p, d.z, d, cfg.gen_backprop), state.gen_params)
 
   # 2. Fake-denoiser updates on generator samples.
   fake_params, fake_opt_state, fake = fake_update(

@@ -1,13 +1,19 @@
 """Self-describing generator exports and the sampler that loads them.
 
 `DIR/` holds `generator.json` (architecture spec, data shape, sigma_init,
-dtype, number of classes, the training config, format and package versions)
-and `params.msgpack` (Flax-serialised parameters). Loading needs only the
+dtype, number of classes, the training config, format and package versions;
+for a few-step student also `num_steps` and its grid `sigmas`) and
+`params.msgpack` (Flax-serialised parameters). Loading needs only the
 network code: no training module is imported.
+
+A one-step export is format 1 (`kind: one_step_generator`), readable by every
+emd_jax. A few-step student is format 2 (`kind: few_step_generator`), so that
+an emd_jax that cannot run its steps refuses it rather than sampling one step.
 
     from emd_jax.formats.generator_export import load_sampler
     sampler = load_sampler("runs/gmm/export")
     x = sampler.sample(jax.random.key(0), 1000)          # [1000, *data_shape]
+    x2 = sampler.sample(jax.random.key(0), 1000, num_steps=2)  # a subset of a few-step grid
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ import numpy as np
 from flax import serialization
 
 from emd_jax import __version__, nets
+from emd_jax.diffusion import student_sample, sub_grid
 from emd_jax.errors import UserInputError, one_line
 from emd_jax.formats import fileio
 from emd_jax.formats.fileio import publish_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+KINDS = {"one_step_generator": 1, "few_step_generator": 2}  # kind -> its format version
 SPEC_FILE = "generator.json"
 PARAMS_FILE = "params.msgpack"
 
@@ -38,22 +46,30 @@ def write_export(
   params,
   data_shape: tuple[int, ...],
   sigma_init: float,
+  sigmas: tuple[float, ...] | None = None,
   num_classes: int = 0,
   config: dict | None = None,
   dtype: str = "float32",
   extra: dict | None = None,
 ) -> str:
-  """Writes the export atomically (temp dir, then rename over the old one)."""
+  """Writes the export atomically (temp dir, then rename over the old one).
+
+  `sigmas`: a few-step student's grid `(sigma_init, ..., 0.0)` (N + 1 levels); None or a
+  two-level grid is the one-step generator.
+  """
   directory = os.path.abspath(directory)
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
+  few = sigmas is not None and len(sigmas) > 2
+  kind = "few_step_generator" if few else "one_step_generator"
   meta = {
-    "format_version": FORMAT_VERSION,
+    "format_version": KINDS[kind],
     "emd_jax_version": __version__,
-    "kind": "one_step_generator",
+    "kind": kind,
     "net": net_spec,
     "data_shape": list(data_shape),
     "sigma_init": float(sigma_init),
+    **({"num_steps": len(sigmas) - 1, "sigmas": [float(s) for s in sigmas]} if few else {}),
     "num_classes": int(num_classes),
     "dtype": dtype,
     "config": config or {},
@@ -70,28 +86,45 @@ def write_export(
 
 
 class Sampler:
-  """A jitted one-step sampler: `x = g(z) = D_theta(z, sigma_init)`, `z ~ N(0, sigma_init^2 I)`."""
+  """A jitted student sampler, `z ~ N(0, sigma_init^2 I)`.
+
+  One step: `x = g(z) = D_theta(z, sigma_init)`. A few-step student (`num_steps` N > 1):
+  N passes over its grid `sigmas`, each predicting the clean image and re-noising it to the
+  next level with fresh noise (`diffusion.student_sample`); its NFE is the number of steps.
+  """
 
   def __init__(self, meta: dict, params):
     self.meta = meta
     self.params = params
     self.data_shape = tuple(meta["data_shape"])
     self.sigma_init = float(meta["sigma_init"])
+    self.sigmas = tuple(float(s) for s in meta.get("sigmas", (self.sigma_init, 0.0)))
+    self.num_steps = len(self.sigmas) - 1
     self.num_classes = int(meta.get("num_classes", 0))
     self.module = nets.build(meta["net"])
 
-    def generate(params, z, labels):
-      sigma = jnp.full((z.shape[0],), self.sigma_init)
-      return self.module.apply({"params": params}, z, sigma, labels)
+    def generate(params, z, noise, labels, grid):
+      denoise = lambda x, s, lab: self.module.apply({"params": params}, x, s, lab)  # noqa: E731
+      return student_sample(denoise, z, grid, noise, labels)
 
-    self._generate = jax.jit(generate)
+    self._generate = jax.jit(generate, static_argnames="grid")
 
-  def sample(self, rng, num: int, labels=None, batch_size: int = 4096) -> jax.Array:
+  def grid(self, num_steps: int | None = None) -> tuple[float, ...]:
+    """The levels `num_steps` steps run (all trained steps if None; a subset: `diffusion.sub_grid`)."""
+    return self.sigmas if num_steps is None else sub_grid(self.sigmas, num_steps)
+
+  def nfe(self, num_steps: int | None = None) -> int:
+    """Network evaluations per sample: one per step."""
+    return len(self.grid(num_steps)) - 1
+
+  def sample(self, rng, num: int, labels=None, batch_size: int = 4096, num_steps: int | None = None) -> jax.Array:
     """`num` samples `[num, *data_shape]` (float32, data space).
 
     `labels`: int class ids `[num]` or one-hot `[num, C]` for class-conditional
-    generators; default uniform random classes.
+    generators; default uniform random classes. `num_steps`: how many of a few-step
+    student's steps to run (default all; `sub_grid` picks them); 1 for a one-step one.
     """
+    grid = self.grid(num_steps)
     if isinstance(rng, int):
       rng = jax.random.key(rng)
     k_z, k_lab = jax.random.split(rng)
@@ -105,7 +138,11 @@ class Sampler:
     out = []
     for i in range(0, num, batch_size):
       lab = None if onehot is None else onehot[i : i + batch_size]
-      out.append(self._generate(self.params, z[i : i + batch_size], lab))
+      zi = z[i : i + batch_size]
+      noise = None
+      if len(grid) > 2:
+        noise = jax.random.normal(jax.random.fold_in(k_z, i + 1), (len(grid) - 2, *zi.shape))
+      out.append(self._generate(self.params, zi, noise, lab, grid))
     return jnp.concatenate(out, axis=0).astype(jnp.float32)
 
 
@@ -126,14 +163,17 @@ def read_export(directory: str) -> tuple[dict, dict]:
   version = meta.get("format_version", 0)
   if not isinstance(version, int) or version > FORMAT_VERSION:
     raise UserInputError(f"{spec_path}: export format {version!r} is newer than this emd_jax ({FORMAT_VERSION})")
-  if meta.get("kind", "one_step_generator") != "one_step_generator":
-    raise UserInputError(f"{spec_path}: kind {meta.get('kind')!r} is not 'one_step_generator'")
+  kind = meta.get("kind", "one_step_generator")
+  if kind not in KINDS:
+    raise UserInputError(f"{spec_path}: kind {kind!r} is not one of {sorted(KINDS)}")
   fileio.require_fields(meta, {"net": dict, "data_shape": list, "sigma_init": float}, spec_path)
   fileio.require_fields(meta["net"], {"arch": str}, f"{spec_path}: net")
   fileio.require_fields(meta, {k: t for k, t in (("num_classes", int), ("dtype", str)) if k in meta}, spec_path)
   data_shape = fileio.check_shape_list(meta["data_shape"], f"{spec_path}: data_shape")
   if not (np.isfinite(meta["sigma_init"]) and meta["sigma_init"] > 0):
     raise UserInputError(f"{spec_path}: sigma_init must be a finite number > 0, got {meta['sigma_init']}")
+  if kind == "few_step_generator":
+    _check_grid(meta, spec_path)
   dtype = meta.get("dtype", "float32")
   if dtype not in ("float32", "bfloat16", "float16"):
     raise UserInputError(f"{spec_path}: dtype must be float32, bfloat16 or float16, got {dtype!r}")
@@ -151,6 +191,18 @@ def read_export(directory: str) -> tuple[dict, dict]:
     ) from e
   fileio.check_params(expected, params, f"{params_path} (net {meta['net']['arch']!r} of {SPEC_FILE})", dtype)
   return meta, params
+
+
+def _check_grid(meta: dict, spec_path: str) -> None:
+  """A few-step export's `num_steps` and `sigmas`: N + 1 finite levels, descending from sigma_init to 0."""
+  fileio.require_fields(meta, {"num_steps": int, "sigmas": list}, spec_path)
+  n, sigmas = meta["num_steps"], meta["sigmas"]
+  if n < 2 or len(sigmas) != n + 1:
+    raise UserInputError(f"{spec_path}: num_steps {n} needs num_steps + 1 levels in sigmas (N >= 2), got {len(sigmas)}")
+  if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and np.isfinite(s) for s in sigmas):
+    raise UserInputError(f"{spec_path}: sigmas must be finite numbers, got {sigmas}")
+  if sigmas[0] != meta["sigma_init"] or sigmas[-1] != 0 or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+    raise UserInputError(f"{spec_path}: sigmas must descend strictly from sigma_init to 0, got {sigmas}")
 
 
 def load_sampler(directory: str) -> Sampler:

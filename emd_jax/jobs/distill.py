@@ -17,7 +17,7 @@ from absl import logging
 
 from emd_jax import nets, teachers
 from emd_jax.config.validation import validate_distill
-from emd_jax.diffusion import Schedule, noise_dist_from_config
+from emd_jax.diffusion import Schedule, noise_dist_from_config, student_sample, student_sigmas
 from emd_jax.distill.losses import LossSpec
 from emd_jax.distill.state import DistillState, create_state
 from emd_jax.distill.step import StepConfig, make_train_step
@@ -79,6 +79,7 @@ def build_setup(config, teacher: Teacher | None = None) -> DistillSetup:
     power=config.loss.power,
     sid_alpha=config.loss.sid_alpha,
   )
+  gen_sigmas = student_grid(config)
   step_cfg = StepConfig(
     batch_size=config.batch_size,
     data_shape=tuple(teacher.data_shape),
@@ -100,10 +101,20 @@ def build_setup(config, teacher: Teacher | None = None) -> DistillSetup:
     ema_debias=config.generator.get("ema_debias", False),
     grad_accum_steps=config.get("grad_accum_steps", 1),
     remat=config.get("remat", "none"),
+    gen_sigmas=gen_sigmas if len(gen_sigmas) > 2 else (),
+    gen_backprop=bool(config.generator.get("backprop_steps", False)),
   )
   tx_gen = make_optimizer(config.generator, config.total_steps)
   tx_fake = make_optimizer(config.fake, config.total_steps)
   return DistillSetup(teacher, spec, module, step_cfg, tx_gen, tx_fake, build_evaluator(config, teacher))
+
+
+def student_grid(config) -> tuple[float, ...]:
+  """The student's levels `(sigma_0 = sigma_init, ..., sigma_{N-1}, 0.0)`: `generator.sigmas` or the default grid."""
+  g = config.generator
+  if tuple(g.get("sigmas", ()) or ()):
+    return tuple(float(s) for s in g.sigmas)
+  return student_sigmas(g.get("num_steps", 1), g.sigma_init, g.get("sigma_min", 0.2))
 
 
 def build_evaluator(config, teacher: Teacher):
@@ -162,7 +173,7 @@ def evaluate(
 ) -> tuple[dict, dict]:
   """Scalars and images for the current generator (EMA) parameters.
 
-  Image teachers: `eval_num_samples` one-step samples (balanced classes for a
+  Image teachers: `eval_num_samples` student samples (balanced classes for a
   conditional teacher) scored by `config.eval.evaluator` (FD to the real data,
   coverage, precision/recall); a grid for TensorBoard, also written as
   `samples_step{step}.png` in `workdir` when both are given.
@@ -171,7 +182,7 @@ def evaluate(
   if len(setup.teacher.data_shape) == 3:
     return _evaluate_images(config, setup, params, rng, step, workdir)
   z = setup.step_cfg.sigma_init * jax.random.normal(rng, (n, *setup.teacher.data_shape))
-  x = _generate(setup, params, z)
+  x = _generate(setup, params, z, rng=jax.random.fold_in(rng, 1))
   if setup.evaluator is None:
     return {}, {}
   from emd_jax.evaluators.gmm import scatter_image
@@ -179,15 +190,23 @@ def evaluate(
   return setup.evaluator(np.asarray(x)), {"samples": scatter_image(np.asarray(x))[None]}
 
 
-def _generate(setup: DistillSetup, params, z, labels=None, batch_size: int | None = None):
-  """One-step samples `g(z) = D(z, sigma_init)` in batches of `batch_size` (all at once if None)."""
-  run = jax.jit(setup.net_apply)
+def _generate(setup: DistillSetup, params, z, labels=None, batch_size: int | None = None, rng=None):
+  """Student samples from first inputs `z` in batches of `batch_size` (all at once if None).
+
+  One step: `g(z) = D(z, sigma_init)`. A few-step student runs its N steps
+  (`diffusion.student_sample`), re-noising with noise drawn from `rng`.
+  """
+  grid = setup.step_cfg.gen_sigmas or (setup.step_cfg.sigma_init, 0.0)
+  run = jax.jit(lambda p, x, noise, lab: student_sample(lambda xx, s, lb: setup.net_apply(p, xx, s, lb), x, grid, noise, lab))
   batch_size = batch_size or z.shape[0]
   out = []
   for i in range(0, z.shape[0], batch_size):
     lab = None if labels is None else labels[i : i + batch_size]
     zi = z[i : i + batch_size]
-    out.append(run(params, zi, jnp.full((zi.shape[0],), setup.step_cfg.sigma_init), lab))
+    noise = None
+    if len(grid) > 2:
+      noise = jax.random.normal(jax.random.fold_in(rng, i), (len(grid) - 2, *zi.shape))
+    out.append(run(params, zi, noise, lab))
   return out[0] if len(out) == 1 else jnp.concatenate(out)
 
 
@@ -199,6 +218,7 @@ def export(config, setup: DistillSetup, state: DistillState, workdir: str) -> st
     params=state.gen_ema,
     data_shape=setup.teacher.data_shape,
     sigma_init=setup.step_cfg.sigma_init,
+    sigmas=setup.step_cfg.gen_sigmas or None,
     num_classes=setup.teacher.num_classes,
     config=config.to_dict(),
     extra={"step": int(state.step), "method": config.method},
@@ -301,12 +321,12 @@ def _eval_cfg(config) -> dict:
 
 
 def _image_samples(config, setup: DistillSetup, params, rng, num: int) -> tuple[np.ndarray, np.ndarray | None]:
-  """`num` one-step images `[num, H, W, C]` and their class labels `[num]` (balanced; None if unconditional)."""
+  """`num` student images `[num, H, W, C]` and their class labels `[num]` (balanced; None if unconditional)."""
   k = setup.teacher.num_classes
   z = setup.step_cfg.sigma_init * jax.random.normal(rng, (num, *setup.teacher.data_shape))
   labels = np.arange(num) % k if k else None
   onehot = None if labels is None else jax.nn.one_hot(labels, k)
-  x = _generate(setup, params, z, onehot, _eval_cfg(config)["batch_size"])
+  x = _generate(setup, params, z, onehot, _eval_cfg(config)["batch_size"], jax.random.fold_in(rng, 1))
   return np.asarray(x, np.float32), labels
 
 
