@@ -207,7 +207,8 @@ def student_sigmas(num_steps: int, sigma_init: float, sigma_min: float, rho: flo
   if num_steps == 1:
     return (float(sigma_init), 0.0)
   inv = 1.0 / rho
-  t = [(sigma_init**inv + i / (num_steps - 1) * (sigma_min**inv - sigma_init**inv)) ** rho for i in range(1, num_steps - 1)]
+  lo, hi = sigma_min**inv, sigma_init**inv
+  t = [(hi + i / (num_steps - 1) * (lo - hi)) ** rho for i in range(1, num_steps - 1)]
   return (float(sigma_init), *(float(s) for s in t), float(sigma_min), 0.0)  # both ends exact
 
 

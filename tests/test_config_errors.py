@@ -204,6 +204,7 @@ def test_inception_fid_without_its_files_fails_at_validation(tmp_path):
 def test_ud2m_scores_with_a_restoration_evaluator_only():
   """UD2M's PSNR/SSIM come from the registry's `restoration` evaluator; a samples-kind one is refused."""
   import ml_collections
+
   from configs.ud2m_digits_deblur import get_config
   from emd_jax.config.validation import ConfigError
   from emd_jax.jobs import ud2m

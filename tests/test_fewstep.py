@@ -29,7 +29,7 @@ def test_default_grid_is_karras_and_sub_grids_keep_first_and_last():
   # rho = 7 interpolation written out: ((1 - t) 2.5^(1/7) + t 0.2^(1/7))^7 at t = 0, 1/3, 2/3, 1.
   want = [((1 - t) * 2.5 ** (1 / 7) + t * 0.2 ** (1 / 7)) ** 7 for t in (0, 1 / 3, 2 / 3, 1)]
   np.testing.assert_allclose(g[:-1], want, rtol=1e-12)
-  assert g[0] == 2.5 and g[-1] == 0.0 and all(a > b for a, b in zip(g, g[1:]))
+  assert g[0] == 2.5 and g[-1] == 0.0 and all(a > b for a, b in zip(g[:-1], g[1:], strict=True))
   assert diffusion.sub_grid(g, 4) == g
   assert diffusion.sub_grid(g, 1) == (2.5, 0.0)
   assert diffusion.sub_grid(g, 2) == (g[0], g[3], 0.0)
@@ -170,7 +170,8 @@ def test_four_step_student_trains_resumes_exactly_exports_and_samples(tmp_path):
     xx = x0 + grid[i + 1] * noise[i] if i < 3 else xx
   np.testing.assert_allclose(x, x0, rtol=1e-5, atol=1e-5)
   one = np.asarray(sampler.sample(jax.random.key(3), 64, num_steps=1))
-  np.testing.assert_allclose(one, module.apply({"params": sampler.params}, z, jnp.full((64,), 2.5)), rtol=1e-5, atol=1e-6)
+  want_one = module.apply({"params": sampler.params}, z, jnp.full((64,), 2.5))
+  np.testing.assert_allclose(one, want_one, rtol=1e-5, atol=1e-6)
   assert not np.allclose(one, x)
 
   out = tmp_path / "s.npz"

@@ -57,7 +57,13 @@ def _halves(d: step_lib.Draws, n: int):
   out = []
   for sl in (slice(0, n), slice(n, 2 * n)):
     out.append(
-      d._replace(**{k: (v[:, sl] if k.startswith("fake_") or k == "sim_noise" else v[sl]) for k, v in d._asdict().items() if v is not None})
+      d._replace(
+        **{
+          k: (v[:, sl] if k.startswith("fake_") or k == "sim_noise" else v[sl])
+          for k, v in d._asdict().items()
+          if v is not None
+        }
+      )
     )
   return out
 

@@ -73,7 +73,8 @@ def _check_student_grid(g) -> None:
   _require(all(v == v and abs(v) != float("inf") for v in values), where, f"must be finite, got {sigmas}")
   _require(values[-1] == 0, where, f"must end at 0 (the clean image), got {values[-1]}; append 0")
   _require(all(v > 0 for v in values[:-1]), where, f"levels before the last must be > 0, got {sigmas}")
-  _require(all(a > b for a, b in zip(values, values[1:])), where, f"must be strictly descending, got {sigmas}")
+  descending = all(a > b for a, b in zip(values[:-1], values[1:], strict=True))
+  _require(descending, where, f"must be strictly descending, got {sigmas}")
   _require(
     values[0] == g.sigma_init,
     where,

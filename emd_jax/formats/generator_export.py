@@ -201,7 +201,8 @@ def _check_grid(meta: dict, spec_path: str) -> None:
     raise UserInputError(f"{spec_path}: num_steps {n} needs num_steps + 1 levels in sigmas (N >= 2), got {len(sigmas)}")
   if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and np.isfinite(s) for s in sigmas):
     raise UserInputError(f"{spec_path}: sigmas must be finite numbers, got {sigmas}")
-  if sigmas[0] != meta["sigma_init"] or sigmas[-1] != 0 or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
+  descending = all(a > b for a, b in zip(sigmas[:-1], sigmas[1:], strict=True))
+  if sigmas[0] != meta["sigma_init"] or sigmas[-1] != 0 or not descending:
     raise UserInputError(f"{spec_path}: sigmas must descend strictly from sigma_init to 0, got {sigmas}")
 
 

@@ -197,7 +197,11 @@ def _generate(setup: DistillSetup, params, z, labels=None, batch_size: int | Non
   (`diffusion.student_sample`), re-noising with noise drawn from `rng`.
   """
   grid = setup.step_cfg.gen_sigmas or (setup.step_cfg.sigma_init, 0.0)
-  run = jax.jit(lambda p, x, noise, lab: student_sample(lambda xx, s, lb: setup.net_apply(p, xx, s, lb), x, grid, noise, lab))
+
+  def sample(p, x, noise, lab):
+    return student_sample(lambda xx, s, lb: setup.net_apply(p, xx, s, lb), x, grid, noise, lab)
+
+  run = jax.jit(sample)
   batch_size = batch_size or z.shape[0]
   out = []
   for i in range(0, z.shape[0], batch_size):
