@@ -17,6 +17,11 @@ gives the mean and standard deviation; the ratio is of the means.
 
   python benchmarks/digits.py                # every preset at the main job's budget (the config's total_steps)
   python benchmarks/digits.py --methods emd_sim,sid --steps 100 --batch_size 16
+  python benchmarks/digits.py --methods emd_simloss_k1 --student_steps 1,2,4 --out benchmarks/results/digits_fewstep
+
+`--student_steps` trains each method as an N-step student for each N (`generator.num_steps`,
+its default grid) at the same number of generator steps; NFE = N. `ms / sample` is the wall time
+of sampling once compiled (batches of 500, 2-core CPU), next to the teacher's.
 
 Writes `--out`.md, `--out`.json and one grid PNG per row (`--out`_<row>.png).
 Targets (issue 4): the default method within 1.2x of the teacher's FD, every
@@ -65,6 +70,7 @@ COLUMNS = (
   ("NFE", "nfe", "{}"),
   ("steps", "steps", "{}"),
   ("train s", "train_seconds", "{:.0f}"),
+  ("ms / sample", "sample_ms", "{:.3f}"),
   ("FD", "fd", "{:.2f}"),
   ("FD / T", "fd_ratio", "{:.2f}"),
   ("pixel FD", "fd_pixel", "{:.3f}"),
@@ -101,6 +107,14 @@ def score_sets(sample_fn, keys) -> tuple[dict, np.ndarray]:
   return out, first
 
 
+def sample_ms(sample_fn, rng, num: int) -> float:
+  """Milliseconds per sample of `sample_fn(key)` (`num` samples), timed on a second call (compiled)."""
+  np.asarray(sample_fn(jax.random.fold_in(rng, 10_000)))
+  t0 = time.perf_counter()
+  np.asarray(sample_fn(jax.random.fold_in(rng, 10_001)))
+  return 1e3 * (time.perf_counter() - t0) / num
+
+
 def compare(row: dict, teacher: dict) -> dict:
   """Adds the student/teacher ratios (of means) and the per-set ranges of the ratios."""
   out = dict(row)
@@ -120,7 +134,7 @@ def with_display(row: dict) -> dict:
 
 def markdown(rows: list[dict], settings: dict) -> str:
   lines = [
-    "# Digits: teacher (35 NFE) vs one-step students",
+    "# Digits: teacher (35 NFE) vs one- and few-step students",
     "",
     f"Settings: {json.dumps(settings)}",
     "",
@@ -151,6 +165,7 @@ def main() -> None:
   ap.add_argument("--out", default="benchmarks/results/digits")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--latent_sets", type=int, default=3, help="independent sample sets per model (FD mean/std)")
+  ap.add_argument("--student_steps", default="1", help="comma-separated N: each method as an N-step student")
   args = ap.parse_args()
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   rng = jax.random.key(args.seed)
@@ -161,32 +176,43 @@ def main() -> None:
   set_keys = [jax.random.fold_in(rng, i) for i in range(args.latent_sets)]
   scores, x_t = score_sets(teacher_fn, set_keys)
   row = with_display(
-    {"model": "teacher (Heun 18 steps)", "nfe": 35, **scores, "sample_seconds": time.perf_counter() - t0}
+    {
+      "model": "teacher (Heun 18 steps)",
+      "nfe": 35,
+      **scores,
+      "sample_seconds": time.perf_counter() - t0,
+      "sample_ms": sample_ms(teacher_fn, rng, args.num_samples),
+    }
   )
   grids.save_png(f"{args.out}_teacher.png", grids.image_grid(x_t[:100]), scale=3)
   rows = [row]
   print(json.dumps(row), flush=True)
 
   args.steps = args.steps or get_config().total_steps  # the main job's budget by default
-  for method in filter(None, args.methods.split(",")):
+  runs = [(m, int(n)) for m in filter(None, args.methods.split(",")) for n in args.student_steps.split(",")]
+  for method, num_steps in runs:
+    name = method if num_steps == 1 else f"{method}_{num_steps}step"
     config = get_config()
     config.method = method
+    config.generator.num_steps = num_steps
     config.teacher.checkpoint = args.teacher
     config.total_steps = args.steps
     config.eval_every = max(args.steps, 1)  # evaluate once, at the end
     config.checkpoint_every = max(args.steps, 1)
     if args.batch_size:
       config.batch_size = args.batch_size
-    workdir = os.path.join(args.workdir, method)
+    workdir = os.path.join(args.workdir, name)
     shutil.rmtree(workdir, ignore_errors=True)
     t0 = time.perf_counter()
     train_lib.train_and_evaluate(config, workdir)
     seconds = time.perf_counter() - t0
     sampler = load_sampler(os.path.join(workdir, "export"))
-    scores, x = score_sets(lambda r, s=sampler: s.sample(r, args.num_samples, batch_size=500), set_keys)
-    r = {"model": f"{method} (one step)", "nfe": 1, "steps": args.steps, "train_seconds": seconds, **scores}
-    r = compare(r, row)
-    grids.save_png(f"{args.out}_{method}.png", grids.image_grid(x[:100]), scale=3)
+    sample_fn = lambda r, s=sampler: s.sample(r, args.num_samples, batch_size=500)  # noqa: E731
+    scores, x = score_sets(sample_fn, set_keys)
+    label = "one step" if num_steps == 1 else f"{num_steps} steps"
+    r = {"model": f"{method} ({label})", "nfe": sampler.nfe(), "steps": args.steps, "train_seconds": seconds}
+    r = compare({**r, **scores, "sample_ms": sample_ms(sample_fn, rng, args.num_samples)}, row)
+    grids.save_png(f"{args.out}_{name}.png", grids.image_grid(x[:100]), scale=3)
     rows.append(r)
     print(json.dumps(r), flush=True)
 
@@ -195,6 +221,7 @@ def main() -> None:
     "batch_size": args.batch_size or get_config().batch_size,
     "num_samples": args.num_samples,
     "latent_sets": args.latent_sets,
+    "student_steps": args.student_steps,
     "teacher": args.teacher,
     "cpu_count": os.cpu_count(),
   }
