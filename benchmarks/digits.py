@@ -42,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.digits_sweep import apply_overrides  # noqa: E402
 from configs.digits import get_config  # noqa: E402
 from emd_jax import teachers  # noqa: E402
 from emd_jax.evaluators import grids  # noqa: E402
@@ -166,6 +167,7 @@ def main() -> None:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--latent_sets", type=int, default=3, help="independent sample sets per model (FD mean/std)")
   ap.add_argument("--student_steps", default="1", help="comma-separated N: each method as an N-step student")
+  ap.add_argument("--overrides", default="{}", help='JSON {dotted config key: value} for every student row')
   args = ap.parse_args()
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   rng = jax.random.key(args.seed)
@@ -194,6 +196,7 @@ def main() -> None:
     name = method if num_steps == 1 else f"{method}_{num_steps}step"
     config = get_config()
     config.method = method
+    apply_overrides(config, json.loads(args.overrides))
     config.generator.num_steps = num_steps
     config.teacher.checkpoint = args.teacher
     config.total_steps = args.steps
@@ -222,6 +225,7 @@ def main() -> None:
     "num_samples": args.num_samples,
     "latent_sets": args.latent_sets,
     "student_steps": args.student_steps,
+    "overrides": json.loads(args.overrides),
     "teacher": args.teacher,
     "cpu_count": os.cpu_count(),
   }

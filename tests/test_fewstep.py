@@ -59,7 +59,9 @@ def test_sampler_one_step_is_the_denoiser_and_n_steps_renoise_each_prediction():
 
 
 def _few_setup(num_steps=2, **kw):
-  c = gmm_tiny(**{"generator.num_steps": num_steps, "method": "di", "batch_size": 32, **kw})
+  c = gmm_tiny(
+    **{"generator.num_steps": num_steps, "method": "di", "batch_size": 32, "generator.train_step": "uniform", **kw}
+  )
   distill.validate_distill(c)
   return c, distill.build_setup(c)
 
@@ -87,7 +89,7 @@ def test_backward_simulation_trains_each_step_on_the_students_own_earlier_output
   # The same draws, recomputed; the expected inputs from the module itself.
   d = step_lib.draw_randomness(cfg, step_lib.step_key(state))
   n = np.asarray(d.gen_step)
-  assert set(n.tolist()) == {0, 1}, "both steps train in a batch of 32"
+  assert set(n.tolist()) == {0, 1}, "both steps train in a batch of 32 (train_step 'uniform')"
   sig = np.where(n == 1, 0.2, 2.5)
   np.testing.assert_array_equal(np.asarray(d.gen_sigma), sig.astype(np.float32))
   first = setup.module.apply({"params": params}, 2.5 * d.sim_noise[0], jnp.full((32,), 2.5))
@@ -183,3 +185,20 @@ def test_four_step_student_trains_resumes_exactly_exports_and_samples(tmp_path):
   json.dump(meta, open(os.path.join(export, "generator.json"), "w"))
   with pytest.raises(UserInputError, match="generator.json: sigmas must descend"):
     export_lib.load_sampler(export)
+
+
+def test_train_step_last_trains_only_the_final_step_on_the_full_simulation():
+  """`train_step='last'` (the default): every example trains step N - 1, its input the student's own
+  steps 0..N-2 run from pure noise (here by the sampler itself, with the simulation's noises)."""
+  c, setup = _few_setup(3, **{"generator.train_step": "last"})
+  cfg = setup.step_cfg
+  params = init_student_params(setup, jax.random.PRNGKey(0))
+  d = step_lib.draw_randomness(cfg, jax.random.key(5))
+  assert np.all(np.asarray(d.gen_step) == 2) and np.allclose(d.gen_sigma, cfg.gen_sigmas[2])
+  d = step_lib.with_base(cfg, step_lib.Nets(setup.net_apply, setup.teacher.apply), params, d)
+  denoise = lambda x, s, lab: setup.module.apply({"params": params}, x, s)  # noqa: E731
+  # The sampler over the first two levels returns x0_1, the base of step 2.
+  want = diffusion.student_sample(
+    denoise, cfg.gen_sigmas[0] * d.sim_noise[0], cfg.gen_sigmas[:2] + (0.0,), d.sim_noise[1:]
+  )
+  np.testing.assert_allclose(d.base, want, rtol=1e-5, atol=1e-6)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from emd_jax.distill import methods
 from emd_jax.distill.distances import DISTANCES
 from emd_jax.distill.losses import LOSSES, WEIGHTS
-from emd_jax.distill.step import FAKE_LOOPS, GAMMA_Z_SCALINGS, REMAT_POLICIES
+from emd_jax.distill.step import FAKE_LOOPS, GAMMA_Z_SCALINGS, GEN_TRAIN_STEPS, REMAT_POLICIES
 from emd_jax.errors import UserInputError
 
 
@@ -54,6 +54,8 @@ def _check_student_grid(g) -> None:
   """`generator.num_steps`, `sigmas` (or `sigma_min` for the default grid) of a few-step student."""
   n = g.get("num_steps", 1)
   _require(isinstance(n, int) and n >= 1, "generator.num_steps", f"must be an integer >= 1, got {n!r}")
+  which = g.get("train_step", "last")
+  _require(which in GEN_TRAIN_STEPS, "generator.train_step", f"must be one of {GEN_TRAIN_STEPS}, got {which!r}")
   sigmas = tuple(g.get("sigmas", ()) or ())
   if not sigmas:
     if n > 1:

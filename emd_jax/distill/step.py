@@ -54,6 +54,7 @@ REMAT_POLICIES = {
 }
 FAKE_LOOPS = ("auto", "unroll", "scan")
 GAMMA_Z_SCALINGS = ("constant", "sigma2")
+GEN_TRAIN_STEPS = ("uniform", "last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +93,10 @@ class StepConfig:
   # the M-step's gradient also flows through the student's earlier steps (backward simulation).
   gen_sigmas: tuple[float, ...] = ()
   gen_backprop: bool = False
+  # Which step each example trains (one of GEN_TRAIN_STEPS): "uniform" n_b ~ U{0..N-1} (DMD2's
+  # recipe: every step's output is a sample the loss and the fake score see); "last": n_b = N - 1,
+  # the sampler's final output only (the earlier steps learn only through `gen_backprop`).
+  gen_train_step: str = "last"
 
   @property
   def gen_steps(self) -> int:
@@ -184,7 +189,10 @@ def draw_randomness(cfg: StepConfig, key: Array, batch_sharding=None) -> Draws:
   scale = cfg.sigma_init
   if cfg.gen_steps > 1:
     kf = jax.random.split(jax.random.fold_in(key, 1), 2)
-    gen_step = jax.random.randint(kf[0], (b,), 0, cfg.gen_steps)
+    if cfg.gen_train_step == "last":
+      gen_step = jnp.full((b,), cfg.gen_steps - 1, jnp.int32)
+    else:
+      gen_step = jax.random.randint(kf[0], (b,), 0, cfg.gen_steps)
     gen_sigma = jnp.asarray(cfg.gen_sigmas[:-1], jnp.float32)[gen_step]
     few = {
       "gen_step": gen_step,

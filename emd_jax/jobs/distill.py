@@ -103,6 +103,7 @@ def build_setup(config, teacher: Teacher | None = None) -> DistillSetup:
     remat=config.get("remat", "none"),
     gen_sigmas=gen_sigmas if len(gen_sigmas) > 2 else (),
     gen_backprop=bool(config.generator.get("backprop_steps", False)),
+    gen_train_step=config.generator.get("train_step", "last"),
   )
   tx_gen = make_optimizer(config.generator, config.total_steps)
   tx_fake = make_optimizer(config.fake, config.total_steps)
