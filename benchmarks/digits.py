@@ -218,7 +218,12 @@ def main() -> None:
     grids.save_png(f"{args.out}_{name}.png", grids.image_grid(x[:100]), scale=3)
     rows.append(r)
     print(json.dumps(r), flush=True)
+    write(args, rows)  # after every row: a long run killed part-way keeps its rows
+  print(write(args, rows))
 
+
+def write(args, rows: list[dict]) -> str:
+  """Writes `--out`.json and `--out`.md; returns the markdown."""
   settings = {
     "steps": args.steps,
     "batch_size": args.batch_size or get_config().batch_size,
@@ -233,7 +238,7 @@ def main() -> None:
     json.dump({"settings": settings, "rows": rows}, f, indent=2)
   with open(f"{args.out}.md", "w") as f:
     f.write(markdown(rows, settings))
-  print(markdown(rows, settings))
+  return markdown(rows, settings)
 
 
 if __name__ == "__main__":
