@@ -42,7 +42,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.digits_sweep import apply_overrides  # noqa: E402
 from configs.digits import get_config  # noqa: E402
 from emd_jax import teachers  # noqa: E402
 from emd_jax.evaluators import grids  # noqa: E402
@@ -167,7 +166,7 @@ def main() -> None:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--latent_sets", type=int, default=3, help="independent sample sets per model (FD mean/std)")
   ap.add_argument("--student_steps", default="1", help="comma-separated N: each method as an N-step student")
-  ap.add_argument("--overrides", default="{}", help='JSON {dotted config key: value} for every student row')
+  ap.add_argument("--overrides", default="{}", help="JSON {dotted config key: value} for every student row")
   args = ap.parse_args()
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   rng = jax.random.key(args.seed)
@@ -196,6 +195,8 @@ def main() -> None:
     name = method if num_steps == 1 else f"{method}_{num_steps}step"
     config = get_config()
     config.method = method
+    from benchmarks.digits_sweep import apply_overrides  # here: digits_sweep imports this module
+
     apply_overrides(config, json.loads(args.overrides))
     config.generator.num_steps = num_steps
     config.teacher.checkpoint = args.teacher
