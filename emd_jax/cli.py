@@ -40,7 +40,7 @@ DEBUG_FLAG = "--debug"
 _BAD_FILE_ERRORS = (pickle.UnpicklingError, zipfile.BadZipFile, json.JSONDecodeError)
 _debug = False
 
-__all__ = ["UserError", "ArgumentParser", "execute", "run_app", "run_argv"]
+__all__ = ["UserError", "ArgumentParser", "execute", "run_app", "run_argv", "run_command", "run_in_process"]
 
 
 def _strip_debug(argv: list[str]) -> list[str]:
@@ -138,6 +138,33 @@ def run_app(main: Callable[[list[str]], None], user_errors: tuple[type[BaseExcep
     sys.exit(code)
 
   app.run(wrapped, flags_parser=parse)
+
+
+# A flag-based command is `define_flags(flag_values, sys_argv) -> {name: holder}` and
+# `main(argv, holders)`: the holders are passed in, never kept in a module-level global.
+
+
+def run_command(define_flags: Callable, main: Callable, user_errors: tuple[type[BaseException], ...] = ()) -> None:
+  """The command's process entry point: its flags on absl's global `FLAGS`, then `run_app`."""
+  holders = define_flags(flags.FLAGS, None)
+  run_app(lambda argv: main(argv, holders), user_errors)
+
+
+def run_in_process(
+  prog: str,
+  define_flags: Callable,
+  main: Callable,
+  argv: list[str],
+  user_errors: tuple[type[BaseException], ...] = (),
+) -> int:
+  """The command line without a new process (tests): fresh flags, returns the exit code.
+
+  `argv` excludes the program name, e.g. `["--config", "configs/gmm.py:tiny", "--workdir", d]`.
+  """
+  argv = [prog, *argv]
+  fv = flags.FlagValues()
+  holders = define_flags(fv, argv)
+  return execute(lambda rest: main(rest, holders), argv, fv, user_errors)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -14,7 +14,7 @@ import importlib
 from absl import app, flags
 from ml_collections import config_flags
 
-from emd_jax.cli import UserError, execute, run_app
+from emd_jax.cli import UserError
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv: list[str] | None = None) -> dict:
@@ -40,8 +40,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS, sys_argv: list[str
   }
 
 
-_FLAGS = define_flags()
-
 # job name -> "module:function(config, workdir)"
 JOBS = {
   "distill": "emd_jax.jobs.distill:train_and_evaluate",
@@ -62,8 +60,8 @@ def run(config, workdir: str) -> dict:
   return getattr(module, fn)(config, workdir)
 
 
-def main(argv, holders: dict | None = None):
-  f = _FLAGS if holders is None else holders
+def main(argv, holders: dict):
+  f = holders
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
@@ -81,7 +79,8 @@ def main(argv, holders: dict | None = None):
   from emd_jax.runtime import parallel, preemption
 
   parallel.initialize_distributed(f["coordinator_address"].value, f["num_processes"].value, f["process_id"].value)
-  if jax.process_count() == 1 and holders is None:  # multi-process: JAX's preemption service owns SIGTERM
+  # Multi-process: JAX's preemption service owns SIGTERM; in-process (tests): the caller's handlers stay.
+  if jax.process_count() == 1 and not holders.get("in_process"):
     preemption.exit_on_signal_outside_loop()
   run(config, f["workdir"].value)
   preemption.mark_finished()
@@ -99,14 +98,18 @@ def run_in_process(argv: list[str]) -> int:
 
   `argv` excludes the program name, e.g. `["--config", "configs/gmm.py:tiny", "--workdir", d]`.
   """
-  argv = ["emd_jax.main", *argv]
-  fv = flags.FlagValues()
-  holders = define_flags(fv, sys_argv=argv)
-  return execute(lambda rest: main(rest, holders), argv, fv, _user_errors())
+  from emd_jax import cli
+
+  def define(fv, sys_argv):  # marked: the in-process run leaves the caller's signal handlers alone
+    return {**define_flags(fv, sys_argv), "in_process": True}
+
+  return cli.run_in_process("emd_jax.main", define, main, argv, _user_errors())
 
 
 def entry():
-  run_app(main, _user_errors())
+  from emd_jax import cli
+
+  cli.run_command(define_flags, main, _user_errors())
 
 
 if __name__ == "__main__":

@@ -116,21 +116,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def run_in_process(argv: list[str]) -> int:
   """The command line without a new process (tests): fresh flags, returns the exit code."""
-  from absl import flags
+  from emd_jax import cli
 
-  from emd_jax.cli import execute
-
-  argv = ["emd_jax.replay", *argv]
-  fv = flags.FlagValues()
-  holders = define_flags(fv, sys_argv=argv)
-  return execute(lambda rest: main(rest, holders), argv, fv, _user_errors())
+  return cli.run_in_process("emd_jax.replay", define_flags, main, argv, _user_errors())
 
 
 def entry() -> None:
-  from emd_jax.cli import run_app
+  from emd_jax import cli
 
-  holders = define_flags()
-  run_app(lambda argv: main(argv, holders), _user_errors())
+  cli.run_command(define_flags, main, _user_errors())
 
 
 if __name__ == "__main__":

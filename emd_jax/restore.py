@@ -32,13 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from emd_jax.cli import UserError, run_app
+from emd_jax.cli import UserError
 from emd_jax.formats import fileio
 
 Array = jax.Array
 
 
-def define_flags(fv: flags.FlagValues = flags.FLAGS) -> dict:
+def define_flags(fv: flags.FlagValues = flags.FLAGS, sys_argv: list[str] | None = None) -> dict:
   """Defines the restorer's flags on `fv`; returns their holders by name."""
   d = lambda fn, name, default, help_: fn(name, default, help_, flag_values=fv)
   s, i, f = flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float
@@ -183,8 +183,8 @@ def run(
   return {"psnr": float(p.mean()), "ssim": float(s.mean()), "nfe": nfe, "seconds_per_image": seconds}
 
 
-def main(argv: list[str], holders: dict | None = None) -> None:
-  v = {k: h.value for k, h in (_flag_holders() if holders is None else holders).items()}
+def main(argv: list[str], holders: dict) -> None:
+  v = {k: h.value for k, h in holders.items()}
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not v["input"]:
@@ -213,27 +213,17 @@ def main(argv: list[str], holders: dict | None = None) -> None:
   )
 
 
-_GLOBAL: dict = {}
-
-
-def _flag_holders() -> dict:
-  if not _GLOBAL:
-    _GLOBAL.update(define_flags())
-  return _GLOBAL
-
-
 def run_in_process(argv: list[str]) -> int:
   """The command line without a new process (tests): fresh flags, returns the exit code."""
-  from emd_jax.cli import execute
+  from emd_jax import cli
 
-  fv = flags.FlagValues()
-  holders = define_flags(fv)
-  return execute(lambda rest: main(rest, holders), ["emd_jax.restore", *argv], fv, (ValueError,))
+  return cli.run_in_process("emd_jax.restore", define_flags, main, argv, (ValueError,))
 
 
 def entry() -> None:
-  _flag_holders()
-  run_app(main, (ValueError,))
+  from emd_jax import cli
+
+  cli.run_command(define_flags, main, (ValueError,))
 
 
 if __name__ == "__main__":

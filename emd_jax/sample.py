@@ -119,9 +119,8 @@ def write_npz(path: str, samples: np.ndarray, labels=None) -> dict:
   return out
 
 
-def main(argv: list[str], holders: dict | None = None) -> None:
-  f = _flag_holders() if holders is None else holders
-  v = {k: h.value for k, h in f.items() if k != "config"}
+def main(argv: list[str], holders: dict) -> None:
+  v = {k: h.value for k, h in holders.items() if k != "config"}
   if len(argv) > 1:
     raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   for name in ("num", "batch_size", "num_steps"):
@@ -140,7 +139,7 @@ def main(argv: list[str], holders: dict | None = None) -> None:
     if v["num_steps"] is not None and v["num_steps"] > sampler.num_steps:
       raise UserError(f"--num_steps: this generator was trained with {sampler.num_steps} step(s), got {v['num_steps']}")
   elif v["teacher"]:
-    config = f["config"].value
+    config = holders["config"].value
     if config is None:
       raise UserError("--teacher: needs --config")
     from emd_jax import teachers
@@ -172,30 +171,17 @@ def main(argv: list[str], holders: dict | None = None) -> None:
   print(f"wrote {samples.shape[0]} samples of shape {samples.shape[1:]} to {out_path} ({nfe} NFE per sample)")
 
 
-_GLOBAL: dict = {}
-
-
-def _flag_holders() -> dict:
-  if not _GLOBAL:
-    _GLOBAL.update(define_flags())
-  return _GLOBAL
-
-
 def run_in_process(argv: list[str]) -> int:
   """The command line without a new process (tests): fresh flags, returns the exit code."""
-  from emd_jax.cli import execute
+  from emd_jax import cli
 
-  argv = ["emd_jax.sample", *argv]
-  fv = flags.FlagValues()
-  holders = define_flags(fv, sys_argv=argv)
-  return execute(lambda rest: main(rest, holders), argv, fv, (ValueError,))
+  return cli.run_in_process("emd_jax.sample", define_flags, main, argv, (ValueError,))
 
 
 def entry():
-  from emd_jax.cli import run_app
+  from emd_jax import cli
 
-  _flag_holders()
-  run_app(main, (ValueError,))
+  cli.run_command(define_flags, main, (ValueError,))
 
 
 if __name__ == "__main__":

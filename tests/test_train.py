@@ -173,36 +173,6 @@ def test_export_round_trip_and_sample_cli(tmp_path):
   assert data["samples"].shape == (50, 2) and data["samples"].dtype == np.float32
 
 
-def _cli(args, tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  return subprocess.run(
-    [sys.executable, "-m", "emd_jax.main", "--config", "configs/gmm.py:tiny", "--workdir", str(tmp_path / "w"), *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=300,
-  )
-
-
-@pytest.mark.parametrize(
-  "args, message",
-  [
-    (["--config.nonexistent=1"], "nonexistent"),
-    (["--config.batch_size=abc"], "batch_size"),
-    (["--config.method=magic"], "method: unknown method 'magic'"),
-    (["--config.method=emd", "--config.estep.num_steps=0"], "estep.num_steps"),
-  ],
-)
-def test_config_errors_are_clear_and_stop_before_compute(tmp_path, args, message):
-  r = _cli(args, tmp_path)
-  assert r.returncode != 0
-  text = r.stdout + r.stderr
-  assert message in text, text[-3000:]
-  assert "Traceback" not in text, text[-3000:]
-  assert not (tmp_path / "w" / "checkpoints").exists()
-
-
 def test_several_fake_updates_per_generator_step():
   """fake.steps_per_gen_step > 1: the trace-time loop (the CPU-fast default) and the scan compute the
   same updates; both train and differ from one update per step. Three jitted steps from one random

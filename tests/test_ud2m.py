@@ -43,12 +43,19 @@ def run_2(teacher_dir, tmp_path_factory):
   return workdir, ud2m.train_and_evaluate(_config("ud2m_digits_deblur", teacher_dir), workdir)
 
 
-def test_step_reduces_loss_and_keeps_base_bit_identical(teacher_dir):
+@pytest.fixture(scope="module")
+def deblur_step(teacher_dir):
+  """The deblurring config (UD2M's own LoRA targets, a high lr) with its step jitted once for two tests."""
   hp = {"optim.lr": 1e-2, "optim.unfolded_lr_mult": 3.0, "loss.weighting": "x0", "loss.adversarial_weight": 0.0}
   # UD2M's own targets (the digits configs adapt every layer): only those may change below.
   hp["lora.targets"] = lora_lib.DEFAULT_TARGETS
   c = _config("ud2m_digits_deblur", teacher_dir, **hp)
   setup = ud2m.build_setup(c)
+  return c, setup, jax.jit(ud2m.make_train_step(setup))
+
+
+def test_step_reduces_loss_and_keeps_base_bit_identical(deblur_step):
+  c, setup, step = deblur_step
   state = ud2m.init_state(setup, jax.random.PRNGKey(0), jax.random.PRNGKey(1))
   base = setup.teacher.params
   base_before = jax.tree.map(np.array, base)
@@ -73,7 +80,6 @@ def test_step_reduces_loss_and_keeps_base_bit_identical(teacher_dir):
     )
     return loss.mean()
 
-  step = jax.jit(ud2m.make_train_step(setup))
   before = float(fixed_mse(state.params))
   for _ in range(8):
     state, metrics = step(state, base, setup.feature_params, x)
@@ -99,16 +105,14 @@ def test_step_reduces_loss_and_keeps_base_bit_identical(teacher_dir):
   assert changed and all(("qkv" in k or "proj" in k or "aux_conv" in k) for k in changed), changed
 
 
-def test_step_key_comes_from_the_state_not_a_closure(teacher_dir):
+def test_step_key_comes_from_the_state_not_a_closure(deblur_step):
   """The step is a pure function of (state, args): its randomness is `state.rng`, nothing captured."""
   import inspect
 
   assert list(inspect.signature(ud2m.make_train_step).parameters) == ["setup", "batch_sharding"]
-  c = _config("ud2m_digits_deblur", teacher_dir)
-  setup = ud2m.build_setup(c)
+  c, setup, step = deblur_step
   assert hash(setup.step_cfg) == hash(ud2m.UD2MStepConfig.from_config(c, setup.sigma_y))  # static, hashable
-  step = jax.jit(ud2m.make_train_step(setup))
-  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 1)), jnp.float32)
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 1)), jnp.float32)
   base = setup.teacher.params
 
   def one_step(rng_seed: int):
