@@ -281,9 +281,9 @@ def test_sim_and_sid_gradients_match_their_definitions(linear_gaussian, spec, ki
 
 
 def test_unknown_names_raise():
-  with pytest.raises(ValueError, match="unknown loss.name"):
+  with pytest.raises(ValueError, match="loss.name: unknown loss"):
     LossSpec("foo")
-  with pytest.raises(ValueError, match="unknown loss.distance"):
+  with pytest.raises(ValueError, match="loss.distance: unknown distance"):
     LossSpec("sim", "cosine")
   with pytest.raises(ValueError, match="even"):
     distances.direction("power", jnp.ones((1, 2)), power=3)

@@ -12,8 +12,7 @@ This is the one place that checks a rule on a distillation config's values:
 from __future__ import annotations
 
 from emd_jax.distill import methods
-from emd_jax.distill.distances import DISTANCES
-from emd_jax.distill.losses import LOSSES, WEIGHTS
+from emd_jax.distill.losses import unknown_name
 from emd_jax.distill.step import FAKE_LOOPS, GAMMA_Z_SCALINGS, GEN_TRAIN_STEPS, REMAT_POLICIES
 from emd_jax.errors import UserInputError
 
@@ -148,11 +147,9 @@ def validate_distill(config) -> None:
     config.method in methods.PRESETS, "method", f"unknown method {config.method!r}; known: {sorted(methods.PRESETS)}"
   )
   methods.resolve(config)
-  _require(config.loss.name in LOSSES, "loss.name", f"unknown loss {config.loss.name!r}; known: {LOSSES}")
-  _require(
-    config.loss.distance in DISTANCES, "loss.distance", f"unknown distance {config.loss.distance!r}; known: {DISTANCES}"
-  )
-  _require(config.loss.weight in WEIGHTS, "loss.weight", f"unknown weight {config.loss.weight!r}; known: {WEIGHTS}")
+  problem = unknown_name(config.loss.name, config.loss.distance, config.loss.weight)
+  if problem:
+    raise ConfigError(*problem)
   _require(config.loss.huber_c > 0, "loss.huber_c", f"must be > 0, got {config.loss.huber_c}")
   _require(
     config.loss.power >= 2 and config.loss.power % 2 == 0,

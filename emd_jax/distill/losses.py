@@ -47,16 +47,29 @@ class LossSpec:
   sid_alpha: float = 1.2
 
   def __post_init__(self):
-    if self.name not in LOSSES:
-      raise ValueError(f"unknown loss.name {self.name!r}; known: {LOSSES}")
-    if self.distance not in DISTANCES:
-      raise ValueError(f"unknown loss.distance {self.distance!r}; known: {DISTANCES}")
-    if self.weight not in WEIGHTS:
-      raise ValueError(f"unknown loss.weight {self.weight!r}; known: {WEIGHTS}")
+    problem = unknown_name(self.name, self.distance, self.weight)
+    if problem:
+      raise ValueError(": ".join(problem))
 
   def direction_fn(self, dim: int) -> Callable[[Array], Array]:
     c = self.huber_c * float(dim) ** 0.5
     return make_direction(self.distance, c=c, power=self.power, delta=self.huber_delta)
+
+
+def unknown_name(name: str, distance: str, weight: str) -> tuple[str, str] | None:
+  """The first of `loss.name`, `loss.distance`, `loss.weight` not in its table, as (field, message), else None.
+
+  The one home of these rules: config validation reports them as a `ConfigError` naming the field, and a
+  `LossSpec` built by hand raises the same message.
+  """
+  for field, what, value, known in (
+    ("loss.name", "loss", name, LOSSES),
+    ("loss.distance", "distance", distance, DISTANCES),
+    ("loss.weight", "weight", weight, WEIGHTS),
+  ):
+    if value not in known:
+      return field, f"unknown {what} {value!r}; known: {known}"
+  return None
 
 
 def loss_weight(kind: str, alpha: Array, sigma: Array, sigma_data: float = 0.5) -> Array:
