@@ -220,6 +220,21 @@ def _crafted_teacher_dir(tmp_path, inline_format="legacy"):
   return out, spec, params
 
 
+def test_numpy_scalars_keep_their_byte_order():
+  """A numpy scalar in a torch pickle is rebuilt from its bytes in the dtype's own byte order: a big-endian
+  float64 read as native would be 1.5e-320, not 3.5; native scalars and other kinds read as pickled."""
+  from numpy._core.multiarray import scalar
+
+  class BigEndian:
+    def __reduce__(self):
+      return scalar, (np.dtype(">f8"), np.array(3.5, ">f8").tobytes())
+
+  data = pickle.dumps({"be": BigEndian(), "f": np.float32(2.0), "i": np.int64(-3), "u": np.uint8(7)}, protocol=2)
+  out = torch_pickle._restricted_load(io.BytesIO(data))
+  assert out == {"be": 3.5, "f": 2.0, "i": -3, "u": 7}
+  assert out["f"].dtype == np.float32 and out["i"].dtype == np.int64
+
+
 @pytest.mark.parametrize("inline_format", ["legacy", "zip-bytes"])
 def test_convert_crafted_edm_pickle_without_torch(tmp_path, inline_format):
   out, spec, params = _crafted_teacher_dir(tmp_path, inline_format)

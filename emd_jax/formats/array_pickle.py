@@ -41,39 +41,9 @@ class _PendingArray:
     self.array = _array_from_bytes(data, dtype, shape, "F" if fortran else "C")
 
 
-class _Dtype:
-  """`numpy.dtype(spec, align, copy)` for numeric dtypes; BUILD's state sets only the byte order."""
-
-  def __init__(self, spec, align=False, copy=False):
-    del align, copy
-    try:
-      self.dtype = np.dtype(spec if isinstance(spec, str) else str(spec))
-    except TypeError as e:
-      raise UnsafePickleError(f"refusing numpy dtype {spec!r:.40}") from e
-    if self.dtype.kind not in "biufc":
-      raise UnsafePickleError(f"refusing numpy dtype {self.dtype} (only numeric dtypes are allowed)")
-
-  def __setstate__(self, state) -> None:
-    # (version, byteorder, subarray, names, fields, elsize, alignment, flags); a numeric dtype has no
-    # subarray, names or fields.
-    if not (isinstance(state, tuple) and len(state) >= 5 and state[1] in ("<", ">", "=", "|")):
-      raise pickle.UnpicklingError(f"bad numpy dtype state {state!r:.60}")
-    if any(x is not None for x in state[2:5]):
-      raise UnsafePickleError("refusing a structured or sub-array numpy dtype (only numeric dtypes are allowed)")
-    if state[1] in "<>":
-      self.dtype = self.dtype.newbyteorder(state[1])
-
-
-def _scalar(dtype, data: bytes = b""):
-  """`numpy._core.multiarray.scalar`: a numeric numpy scalar from its bytes."""
-  if not isinstance(dtype, _Dtype) or not isinstance(data, bytes) or len(data) != dtype.dtype.itemsize:
-    raise pickle.UnpicklingError(f"bad numpy scalar of {getattr(dtype, 'dtype', dtype)!r}")
-  return np.frombuffer(data, dtype.dtype)[0]
-
-
 def _array_from_bytes(data, dtype, shape, order) -> np.ndarray:
-  """A fresh numeric array `shape` of `dtype` (a `_Dtype`) from raw bytes (whose length must match exactly)."""
-  dtype = dtype.dtype if isinstance(dtype, _Dtype) else None
+  """A fresh numeric array `shape` of `dtype` (a `torch_pickle.NumpyDtype`) from raw bytes of exactly that length."""
+  dtype = dtype.dtype if isinstance(dtype, torch_pickle.NumpyDtype) else None
   if dtype is None or dtype.kind not in "biufc":
     raise UnsafePickleError(f"refusing a numpy array of dtype {dtype!r} (only numeric dtypes are allowed)")
   if not isinstance(data, bytes | bytearray):
@@ -113,9 +83,9 @@ _ARRAY_PICKLE_GLOBALS = {
   ("collections", "OrderedDict"): torch_pickle.ALLOWLIST[("collections", "OrderedDict")],
   ("_codecs", "encode"): torch_pickle.ALLOWLIST[("_codecs", "encode")],  # protocol 2 stores bytes as latin-1 text
   # ... and numeric numpy dtypes, scalars and arrays, built from their bytes by the functions above.
-  ("numpy", "dtype"): _Dtype,
-  ("numpy.core.multiarray", "scalar"): _scalar,
-  ("numpy._core.multiarray", "scalar"): _scalar,
+  ("numpy", "dtype"): torch_pickle.ALLOWLIST[("numpy", "dtype")],
+  ("numpy.core.multiarray", "scalar"): torch_pickle.ALLOWLIST[("numpy.core.multiarray", "scalar")],
+  ("numpy._core.multiarray", "scalar"): torch_pickle.ALLOWLIST[("numpy._core.multiarray", "scalar")],
   ("__builtin__", "bytes"): _empty_bytes,  # protocol 2 names builtins the Python 2 way
   ("builtins", "bytes"): _empty_bytes,
   ("numpy", "ndarray"): _NDARRAY,

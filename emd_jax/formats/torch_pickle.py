@@ -175,20 +175,34 @@ def _codecs_encode(text: str, encoding: str = "utf-8") -> bytes:
   return text.encode(encoding)
 
 
+class NumpyDtype:
+  """`numpy.dtype(spec, align, copy)` for numeric dtypes; BUILD's state sets only the byte order."""
+
+  def __init__(self, spec, align=False, copy=False):
+    del align, copy
+    try:
+      self.dtype = np.dtype(spec if isinstance(spec, str) else str(spec))
+    except TypeError as e:
+      raise UnsafePickleError(f"refusing numpy dtype {spec!r:.40}") from e
+    if self.dtype.kind not in "biufc":
+      raise UnsafePickleError(f"refusing numpy dtype {self.dtype} (only numeric dtypes are allowed)")
+
+  def __setstate__(self, state) -> None:
+    # (version, byteorder, subarray, names, fields, elsize, alignment, flags); a numeric dtype has no
+    # subarray, names or fields.
+    if not (isinstance(state, tuple) and len(state) >= 5 and state[1] in ("<", ">", "=", "|")):
+      raise pickle.UnpicklingError(f"bad numpy dtype state {state!r:.60}")
+    if any(x is not None for x in state[2:5]):
+      raise UnsafePickleError("refusing a structured or sub-array numpy dtype (only numeric dtypes are allowed)")
+    if state[1] in "<>":
+      self.dtype = self.dtype.newbyteorder(state[1])
+
+
 def _numpy_scalar(dtype, data: bytes = b""):
-  if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc" or not isinstance(data, bytes):
-    raise UnsafePickleError(f"refusing numpy scalar of {dtype!r}")
-  if len(data) != dtype.itemsize:
-    raise pickle.UnpicklingError(f"numpy scalar of {dtype} with {len(data)} bytes")
-  return np.frombuffer(data, dtype)[0]
-
-
-def _numpy_dtype(spec, align=False, copy=False) -> np.dtype:
-  """`numpy.dtype` for numeric types only (an object dtype could smuggle references)."""
-  dtype = np.dtype(spec if isinstance(spec, str) else str(spec))
-  if dtype.kind not in "biufc":
-    raise UnsafePickleError(f"refusing numpy dtype {dtype} (only numeric dtypes are allowed)")
-  return dtype
+  """`numpy._core.multiarray.scalar`: a numeric numpy scalar from its bytes."""
+  if not isinstance(dtype, NumpyDtype) or not isinstance(data, bytes) or len(data) != dtype.dtype.itemsize:
+    raise pickle.UnpicklingError(f"bad numpy scalar of {getattr(dtype, 'dtype', dtype)!r}")
+  return np.frombuffer(data, dtype.dtype)[0]
 
 
 # (module, name) -> the inert stand-in it resolves to. Why each is needed: docs/convert.md.
@@ -202,7 +216,7 @@ ALLOWLIST = {
   ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
   ("torch_utils.persistence", "_reconstruct_persistent_obj"): PersistentObject,
   ("dnnlib.util", "EasyDict"): dict,
-  ("numpy", "dtype"): _numpy_dtype,
+  ("numpy", "dtype"): NumpyDtype,
   ("numpy.core.multiarray", "scalar"): _numpy_scalar,
   ("numpy._core.multiarray", "scalar"): _numpy_scalar,
 }
