@@ -26,7 +26,7 @@ from emd_jax.runtime import logs as metrics_lib
 from emd_jax.runtime import parallel, runner
 from emd_jax.runtime.loop import TrainingError  # noqa: F401  (re-exported for callers)
 from emd_jax.teachers.base import Teacher
-from emd_jax.training.ema import RESERVED_TRACKS, parse_ema_tracks
+from emd_jax.training.ema import parse_ema_tracks
 from emd_jax.training.optimizer import make_optimizer
 
 
@@ -191,7 +191,7 @@ def generator_params(state: DistillState, name: str = "ema"):
   if name not in state.gen_ema_tracks:
     from emd_jax.errors import UserError
 
-    known = ", ".join([*RESERVED_TRACKS, *state.gen_ema_tracks])
+    known = ", ".join(["raw", "ema", *sorted(state.gen_ema_tracks)])
     raise UserError(f"--ema {name!r}: no such EMA track in this run; it has: {known}")
   return state.gen_ema_tracks[name]
 
