@@ -2,6 +2,9 @@
 
 Generator export (all its trained steps; a few-step student's NFE is its number of steps):
   python -m emd_jax.sample --generator runs/gmm/export --num 10000 --seed 0 --out samples.npz
+A checkpoint's generator by name (`raw`, `ema` or a `generator.ema_tracks` track; newest step unless
+--step), exported first to `W/exports/<name>_step<S>` (`evaluate.export_track`), then sampled:
+  python -m emd_jax.sample --workdir runs/gmm --ema ema9999 --num 10000 --out samples.npz
 A few-step student with a subset of its steps (`diffusion.sub_grid`: evenly spaced, first and last kept):
   python -m emd_jax.sample --generator runs/gmm4/export --num_steps 2 --out samples.npz
 The config's teacher with the EDM Heun sampler (2 * num_steps - 1 NFE):
@@ -35,6 +38,13 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS, sys_argv: list[str] | None 
   """Defines the sampler's flags on `fv`; returns their holders by name."""
   return {
     "generator": flags.DEFINE_string("generator", None, "Export directory of a trained generator.", flag_values=fv),
+    "workdir": flags.DEFINE_string(
+      "workdir", None, "A distillation run's directory: sample its checkpoint's --ema generator.", flag_values=fv
+    ),
+    "ema": flags.DEFINE_string(
+      "ema", None, "--workdir: which generator (raw, ema or a generator.ema_tracks name; default ema).", flag_values=fv
+    ),
+    "step": flags.DEFINE_integer("step", None, "--workdir: the checkpoint step (default the newest).", flag_values=fv),
     "config": config_flags.DEFINE_config_file(
       "config", None, "Config whose teacher to sample (with --teacher).", flag_values=fv, sys_argv=sys_argv
     ),
@@ -130,6 +140,15 @@ def main(argv: list[str], holders: dict) -> None:
   if not out_path or os.path.isdir(out_path):
     raise UserError(f"--out {out_path!r}: must name a file, not a directory")
   rng = jax.random.key(v["seed"])
+  if v["workdir"] and v["generator"]:
+    raise UserError("give --generator DIR or --workdir W (with --ema NAME), not both")
+  if (v["ema"] is not None or v["step"] is not None) and not v["workdir"]:
+    raise UserError("--ema/--step: choose a checkpoint's generator, they need --workdir")
+  if v["workdir"]:
+    from emd_jax.evaluate import export_track
+
+    v["generator"] = export_track(v["workdir"], v["ema"] or "ema", v["step"])
+    print(f"exported {v['ema'] or 'ema'} to {v['generator']}")
   # Everything is read and checked before any compute; nothing is written before the samples exist.
   if v["generator"]:
     from emd_jax.formats.generator_export import load_sampler
@@ -147,7 +166,7 @@ def main(argv: list[str], holders: dict) -> None:
     teacher = teachers.from_config(config.teacher)
     data_shape, num_classes = teacher.data_shape, teacher.num_classes
   else:
-    raise UserError("give --generator DIR, or --config FILE --teacher")
+    raise UserError("give --generator DIR, --workdir W [--ema NAME], or --config FILE --teacher")
   labels = parse_labels(v["labels"], v["num"], num_classes)
   if v["grid"] and len(data_shape) != 3:
     raise UserError(f"--grid: needs image samples; this model's data shape is {tuple(data_shape)}")

@@ -77,6 +77,10 @@ def distill_config() -> ml_collections.ConfigDict:
   # True: the EMA averages only the trained iterates (bias-corrected, like Adam's moments), so a
   # short run's EMA holds none of the initial weights; False: the EMA starts at the initial weights.
   c.generator.ema_debias = False
+  # Extra named EMAs of the generator, each checkpointed, evaluated (`eval_<name>/...`) and exportable
+  # (`python -m emd_jax.sample --workdir W --ema NAME`): "name:decay,..." e.g. "ema9999:0.9999,deb:0.999d"
+  # (a trailing `d`: debiased as above). "" (default): only the `ema` above.
+  c.generator.ema_tracks = ""
 
   c.fake = ml_collections.ConfigDict()
   c.fake.lr = 1e-5

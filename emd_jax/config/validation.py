@@ -15,6 +15,7 @@ from emd_jax.distill import methods
 from emd_jax.distill.losses import unknown_name
 from emd_jax.distill.step import FAKE_LOOPS, GAMMA_Z_SCALINGS, GEN_TRAIN_STEPS, REMAT_POLICIES
 from emd_jax.errors import UserInputError
+from emd_jax.training.ema import parse_ema_tracks
 
 
 class ConfigError(UserInputError):
@@ -167,6 +168,10 @@ def validate_distill(config) -> None:
   _require(config.schedule in ("ve", "vp"), "schedule", f"must be 've' or 'vp', got {config.schedule!r}")
   _require(config.generator.sigma_init > 0, "generator.sigma_init", f"must be > 0, got {config.generator.sigma_init}")
   _require(0 <= config.generator.ema_decay < 1, "generator.ema_decay", "must be in [0, 1)")
+  try:
+    parse_ema_tracks(config.generator.get("ema_tracks", ""))
+  except ValueError as e:
+    raise ConfigError("generator.ema_tracks", str(e)) from None
   _check_student_grid(config.generator)
   _require(config.fake.steps_per_gen_step >= 1, "fake.steps_per_gen_step", "must be >= 1")
   loop = config.fake.get("loop", "auto")

@@ -36,10 +36,12 @@ class DistillState:
   fake_opt_state: Any
   nonfinite_count: Array  # int32 [], steps skipped so far
   nonfinite_streak: Array  # int32 [], consecutive skipped steps up to now
+  # Named extra EMAs of the generator (`generator.ema_tracks`), {name: params}; {} (no leaves) by default.
+  gen_ema_tracks: Any = flax.struct.field(default_factory=dict)
 
 
-def create_state(rng: Array, student_params, tx_gen, tx_fake) -> DistillState:
-  """Generator, EMA and fake denoiser all start as copies of `student_params`."""
+def create_state(rng: Array, student_params, tx_gen, tx_fake, ema_tracks: tuple[str, ...] = ()) -> DistillState:
+  """Generator, EMA, each named EMA track in `ema_tracks` and fake denoiser all start as copies of `student_params`."""
   copy = lambda t: jax.tree.map(jnp.array, t)  # noqa: E731  (distinct buffers: state is donated)
   gen = copy(student_params)
   fake = copy(student_params)
@@ -53,4 +55,5 @@ def create_state(rng: Array, student_params, tx_gen, tx_fake) -> DistillState:
     fake_opt_state=tx_fake.init(fake),
     nonfinite_count=jnp.zeros((), jnp.int32),
     nonfinite_streak=jnp.zeros((), jnp.int32),
+    gen_ema_tracks={name: copy(student_params) for name in ema_tracks},
   )

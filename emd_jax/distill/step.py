@@ -37,7 +37,7 @@ from emd_jax.distill.estep import EStepResult, langevin_estep
 from emd_jax.distill.fake_score import dsm_loss_and_grad
 from emd_jax.distill.losses import LossSpec, generator_loss
 from emd_jax.distill.state import DistillState
-from emd_jax.training.ema import debiased_decay, ema_update
+from emd_jax.training.ema import EmaTrack, debiased_decay, ema_update, track_decay
 from emd_jax.training.guard import all_finite, guarded_update
 
 Array = jax.Array
@@ -86,6 +86,7 @@ class StepConfig:
   fake_loop: str = "auto"
   ema_decay: float = 0.999
   ema_debias: bool = False  # weights d^(n-k) over accepted updates k = 1..n only (no initial weights)
+  ema_tracks: tuple[EmaTrack, ...] = ()  # named extra EMAs (`generator.ema_tracks`), in `state.gen_ema_tracks`
   grad_accum_steps: int = 1
   remat: str = "none"  # activation rematerialisation of every network pass (a key of REMAT_POLICIES)
   # Few-step student (`generator.num_steps`, docs/algorithms.md): its grid `sigma_0 = sigma_init >
@@ -474,6 +475,10 @@ def train_step(
   updates, gen_opt_state = txs.gen.update(g_grads, state.gen_opt_state, state.gen_params)
   gen_params = optax.apply_updates(state.gen_params, updates)
   gen_ema = ema_update(state.gen_ema, gen_params, ema_decay(cfg, state))
+  n_accepted = state.step - state.nonfinite_count + 1
+  gen_ema_tracks = {
+    t.name: ema_update(state.gen_ema_tracks[t.name], gen_params, track_decay(t, n_accepted)) for t in cfg.ema_tracks
+  }
 
   # 5. Non-finite guard: keep the old state unless everything is finite.
   ok = jnp.isfinite(g_loss) & all_finite(g_grads) & jnp.all(fake.ok)
@@ -481,6 +486,7 @@ def train_step(
     gen_params=gen_params,
     gen_opt_state=gen_opt_state,
     gen_ema=gen_ema,
+    gen_ema_tracks=gen_ema_tracks,
     fake_params=fake_params,
     fake_opt_state=fake_opt_state,
   )

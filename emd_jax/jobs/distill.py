@@ -26,6 +26,7 @@ from emd_jax.runtime import logs as metrics_lib
 from emd_jax.runtime import parallel, runner
 from emd_jax.runtime.loop import TrainingError  # noqa: F401  (re-exported for callers)
 from emd_jax.teachers.base import Teacher
+from emd_jax.training.ema import parse_ema_tracks
 from emd_jax.training.optimizer import make_optimizer
 
 
@@ -99,6 +100,7 @@ def build_setup(config, teacher: Teacher | None = None) -> DistillSetup:
     fake_loop=config.fake.get("loop", "auto"),
     ema_decay=config.generator.ema_decay,
     ema_debias=config.generator.get("ema_debias", False),
+    ema_tracks=parse_ema_tracks(config.generator.get("ema_tracks", "")),
     grad_accum_steps=config.get("grad_accum_steps", 1),
     remat=config.get("remat", "none"),
     gen_sigmas=gen_sigmas if len(gen_sigmas) > 2 else (),
@@ -165,8 +167,33 @@ def initial_student_params(config, setup: DistillSetup, rng):
 
 
 def config_fingerprint(config, setup: DistillSetup) -> dict:
-  """What must match between a checkpoint and the run that restores it."""
-  return {"net": setup.net_spec, "data_shape": list(setup.teacher.data_shape), "teacher": setup.teacher.spec}
+  """What must match between a checkpoint and the run that restores it (the EMA tracks' names, if any)."""
+  out = {"net": setup.net_spec, "data_shape": list(setup.teacher.data_shape), "teacher": setup.teacher.spec}
+  if setup.step_cfg.ema_tracks:
+    out["ema_tracks"] = list(track_names(setup))
+  return out
+
+
+def track_names(setup: DistillSetup) -> tuple[str, ...]:
+  """The configured `generator.ema_tracks`, in order (without `ema` and `raw`)."""
+  return tuple(t.name for t in setup.step_cfg.ema_tracks)
+
+
+def generator_params(state: DistillState, name: str = "ema"):
+  """The generator parameters called `name`: `ema` (the default EMA), `raw` (not averaged) or an EMA track.
+
+  Raises `UserError` naming the available ones for any other name.
+  """
+  if name == "ema":
+    return state.gen_ema
+  if name == "raw":
+    return state.gen_params
+  if name not in state.gen_ema_tracks:
+    from emd_jax.errors import UserError
+
+    known = ", ".join(["raw", "ema", *sorted(state.gen_ema_tracks)])
+    raise UserError(f"--ema {name!r}: no such EMA track in this run; it has: {known}")
+  return state.gen_ema_tracks[name]
 
 
 def evaluate(
@@ -215,20 +242,26 @@ def _generate(setup: DistillSetup, params, z, labels=None, batch_size: int | Non
   return out[0] if len(out) == 1 else jnp.concatenate(out)
 
 
-def export(config, setup: DistillSetup, state: DistillState, workdir: str) -> str:
-  """Writes `workdir/export`; for image teachers also the final grid `samples_step{N}.png`."""
+def export(
+  config, setup: DistillSetup, state: DistillState, workdir: str, ema: str = "ema", directory: str | None = None
+) -> str:
+  """Writes `workdir/export` (or `directory`) from the generator parameters `ema` (`generator_params`).
+
+  For the default `ema`, image teachers also get the final grid `samples_step{N}.png`.
+  """
+  params = generator_params(state, ema)
   path = export_lib.write_export(
-    os.path.join(workdir, "export"),
+    directory or os.path.join(workdir, "export"),
     net_spec=setup.net_spec,
-    params=state.gen_ema,
+    params=params,
     data_shape=setup.teacher.data_shape,
     sigma_init=setup.step_cfg.sigma_init,
     sigmas=setup.step_cfg.gen_sigmas or None,
     num_classes=setup.teacher.num_classes,
     config=config.to_dict(),
-    extra={"step": int(state.step), "method": config.method},
+    extra={"step": int(state.step), "method": config.method, **({} if ema == "ema" else {"ema": ema})},
   )
-  if len(setup.teacher.data_shape) == 3:
+  if ema == "ema" and len(setup.teacher.data_shape) == 3:
     from emd_jax.evaluators import images as image_eval
 
     step = int(state.step)
@@ -242,7 +275,9 @@ def export(config, setup: DistillSetup, state: DistillState, workdir: str) -> st
 
 def abstract_state(setup: DistillSetup, key) -> DistillState:
   """The state's shapes and dtypes, without computing anything."""
-  return jax.eval_shape(lambda p: create_state(key, p, setup.tx_gen, setup.tx_fake), _abstract_params(setup))
+  return jax.eval_shape(
+    lambda p: create_state(key, p, setup.tx_gen, setup.tx_fake, track_names(setup)), _abstract_params(setup)
+  )
 
 
 def sharded_step(setup: DistillSetup, mesh, abstract: DistillState):
@@ -272,7 +307,12 @@ def make_job(config, setup: DistillSetup, workdir: str) -> runner.Job:
   k_state, k_init, k_eval = jax.random.split(jax.random.PRNGKey(config.seed), 3)
 
   def evaluate_fn(st, step):
-    return evaluate(config, setup, st.gen_ema, jax.random.fold_in(k_eval, step), step=step, workdir=workdir)
+    rng = jax.random.fold_in(k_eval, step)
+    scalars, images = evaluate(config, setup, st.gen_ema, rng, step=step, workdir=workdir)
+    for name in track_names(setup):  # the same inputs for every track; scalars only, `eval_<name>/...`
+      track, _ = evaluate(config, setup, st.gen_ema_tracks[name], rng)
+      scalars = {**scalars, **{f"eval_{name}/{k}": v for k, v in track.items()}}
+    return scalars, images
 
   def export_fn(st, _last_eval):
     path = export(config, setup, st, workdir)
@@ -281,7 +321,7 @@ def make_job(config, setup: DistillSetup, workdir: str) -> runner.Job:
 
   return runner.Job(
     abstract_state=abstract_state(setup, k_state),
-    init=lambda params: create_state(k_state, params, setup.tx_gen, setup.tx_fake),
+    init=lambda params: create_state(k_state, params, setup.tx_gen, setup.tx_fake, track_names(setup)),
     init_inputs=lambda: (initial_student_params(config, setup, k_init),),  # the surrogate fit runs only here
     make_step=lambda mesh: _make_step(setup, mesh),
     fingerprint=config_fingerprint(config, setup),

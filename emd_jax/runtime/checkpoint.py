@@ -79,10 +79,15 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` with named items and verified restores."""
 
-  def __init__(self, directory: str, max_to_keep: int = 3, asynchronous: bool = False):
+  def __init__(self, directory: str, max_to_keep: int = 3, asynchronous: bool = False, read_only: bool = False):
+    """`read_only`: for readers of another run's checkpoints (`emd_jax.evaluate`): creates and deletes nothing."""
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True
+      max_to_keep=max_to_keep,
+      create=not read_only,
+      enable_async_checkpointing=asynchronous,
+      cleanup_tmp_directories=not read_only,
+      **({"read_only": True} if read_only else {}),
     )
     self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 

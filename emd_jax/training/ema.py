@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -27,3 +29,57 @@ def debiased_decay(decay: float, num_updates: Array) -> Array:
 def warmup_decay(decay: float, step: Array) -> Array:
   """`min(decay, (1 + step) / (10 + step))`: early averages forget a random initialisation quickly."""
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+# ----------------------------------------------------------------------------
+# Named EMA tracks (`generator.ema_tracks`): extra averages of the generator, next to its `ema`.
+
+RESERVED_TRACKS = ("ema", "raw")  # the default EMA and the non-averaged generator
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+@dataclasses.dataclass(frozen=True)
+class EmaTrack:
+  """One named EMA: `decay`, and whether it is bias-corrected over the accepted updates (`debiased_decay`)."""
+
+  name: str
+  decay: float
+  debias: bool = False
+
+
+def parse_ema_tracks(text: str) -> tuple[EmaTrack, ...]:
+  """`"name:decay[d],..."` -> tracks in the given order ("" -> none); raises ValueError saying what is wrong.
+
+  E.g. `"ema999:0.999,ema9999:0.9999,deb:0.999d"`: a trailing `d` makes that track debiased. Names are
+  lower-case letters, digits and `_`, start with a letter, are unique and are not `ema` or `raw`;
+  decays are in [0, 1).
+  """
+  tracks = []
+  for item in (text or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    name, sep, value = item.partition(":")
+    name, value = name.strip(), value.strip()
+    if not sep or not name or not value:
+      raise ValueError(f"{item!r} is not 'name:decay' (e.g. 'ema9999:0.9999', or '0.999d' for a debiased track)")
+    if not (name[0].isalpha() and set(name) <= _NAME_CHARS):
+      raise ValueError(f"track name {name!r}: use lower-case letters, digits and '_', starting with a letter")
+    if name in RESERVED_TRACKS:
+      raise ValueError(f"track name {name!r} is reserved ({', '.join(RESERVED_TRACKS)})")
+    if name in (t.name for t in tracks):
+      raise ValueError(f"track name {name!r} is given twice")
+    debias = value.endswith("d")
+    try:
+      decay = float(value.removesuffix("d"))
+    except ValueError:
+      raise ValueError(f"track {name!r}: decay {value!r} is not a number") from None
+    if not 0.0 <= decay < 1.0:
+      raise ValueError(f"track {name!r}: decay must be in [0, 1), got {decay}")
+    tracks.append(EmaTrack(name, decay, debias))
+  return tuple(tracks)
+
+
+def track_decay(track: EmaTrack, num_updates: Array):
+  """The decay of `track` at the `num_updates`-th accepted update (constant unless debiased)."""
+  return debiased_decay(track.decay, num_updates) if track.debias else track.decay
