@@ -40,9 +40,13 @@ def _per_example_norm(v: Array) -> Array:
 
 
 def score_gap(teacher_fn: Callable, fake_fn: Callable, x_t: Array, alpha: Array, sigma: Array):
-  """`d = eps_hat_psi - eps_hat_T = (alpha / sigma)(D_T - D_psi)` at `x_t`, plus both D's."""
-  d_teacher = denoise_xt(teacher_fn, x_t, alpha, sigma)
-  d_fake = denoise_xt(fake_fn, x_t, alpha, sigma)
+  """`d = eps_hat_psi - eps_hat_T = (alpha / sigma)(D_T - D_psi)` at `x_t`, plus both D's.
+
+  Both outputs are cast to float32 before the difference (the networks compute in one dtype,
+  `teachers.network.with_compute_dtype`), so a fake denoiser equal to the teacher gives `d = 0` exactly.
+  """
+  d_teacher = denoise_xt(teacher_fn, x_t, alpha, sigma).astype(jnp.float32)
+  d_fake = denoise_xt(fake_fn, x_t, alpha, sigma).astype(jnp.float32)
   d = expand_to(alpha / sigma, x_t) * (d_teacher - d_fake)
   return d, d_teacher, d_fake
 
@@ -109,7 +113,8 @@ def langevin_estep(
     drift = g_eps * (d - eps)
     kick = jnp.sqrt(2.0 * g_eps) * n
     eps_new = eps + drift + kick
-    noise_new = (1.0 - g_eps) * noise + kick
+    # The same arithmetic as eps's update with d = 0, so a zero score gap gives eps_nc = 0 exactly.
+    noise_new = noise + g_eps * (0.0 - noise) + kick
     if move_z:
       (jtd,) = g_vjp(d)
       grad_z = (a / s) * jtd - z / sz2

@@ -110,6 +110,13 @@ def emd_direction(
   return spec.direction_fn(eps_nc[0].size)(v)
 
 
+def _denoise_pair(teacher_fn: Callable, fake_fn: Callable, x_t: Array, alpha: Array, sigma: Array):
+  """`(D_T(x_t), D_psi(x_t))`, both float32: the score gap is formed in float32 from networks of one dtype."""
+  d_t = denoise_xt(teacher_fn, x_t, alpha, sigma).astype(jnp.float32)
+  d_f = denoise_xt(fake_fn, x_t, alpha, sigma).astype(jnp.float32)
+  return d_t, d_f
+
+
 def generator_loss(
   spec: LossSpec,
   x0: Array,
@@ -141,8 +148,7 @@ def generator_loss(
 
   if spec.name in ("di", "dmd"):
     x_t = expand_to(alpha, x0) * jax.lax.stop_gradient(x0) + expand_to(sigma, x0) * eps
-    d_t = denoise_xt(teacher_fn, x_t, alpha, sigma)
-    d_f = denoise_xt(fake_fn, x_t, alpha, sigma)
+    d_t, d_f = _denoise_pair(teacher_fn, fake_fn, x_t, alpha, sigma)
     if spec.name == "dmd":
       norm = jnp.mean(jnp.abs(jnp.reshape(x0 - d_t, (x0.shape[0], -1))), axis=-1)
       w = w / jnp.maximum(norm, 1e-8)
@@ -152,8 +158,7 @@ def generator_loss(
 
   # sim / sid: gradient through x0 and through x_t into both denoisers' inputs.
   x_t = expand_to(alpha, x0) * x0 + expand_to(sigma, x0) * eps
-  d_t = denoise_xt(teacher_fn, x_t, alpha, sigma)
-  d_f = denoise_xt(fake_fn, x_t, alpha, sigma)
+  d_t, d_f = _denoise_pair(teacher_fn, fake_fn, x_t, alpha, sigma)
   y = d_f - d_t
   metrics["loss/score_gap"] = jax.lax.stop_gradient(jnp.mean(jnp.sqrt(_sqnorm(y))))
   if spec.name == "sim":

@@ -26,6 +26,7 @@ from emd_jax.runtime import logs as metrics_lib
 from emd_jax.runtime import parallel, runner
 from emd_jax.runtime.loop import TrainingError  # noqa: F401  (re-exported for callers)
 from emd_jax.teachers.base import Teacher
+from emd_jax.teachers.network import with_compute_dtype
 from emd_jax.training.ema import parse_ema_tracks
 from emd_jax.training.optimizer import make_optimizer
 
@@ -50,7 +51,8 @@ def student_spec(config, teacher: Teacher) -> dict:
   """The generator / fake-denoiser architecture: the teacher's own when it is a network.
 
   `config.compute_dtype` (e.g. "bfloat16") sets the activation dtype; parameters and
-  optimizer state stay float32.
+  optimizer state stay float32. `build_setup` builds a network teacher with the same dtype
+  (`teachers.network.with_compute_dtype`).
   """
   if teacher.spec.get("kind") == "network":
     spec = dict(teacher.spec["net"])
@@ -67,8 +69,39 @@ def student_spec(config, teacher: Teacher) -> dict:
   return spec
 
 
+def init_score_gap(setup: DistillSetup, batch: int = 2, seed: int = 0) -> float:
+  """Health check of matched precision: the RMS of `D_fake - D_teacher` per dimension at step 0.
+
+  For a network teacher the fake denoiser starts as a copy of the teacher, so with the two
+  computing in one dtype this is exactly 0; a nonzero value means the networks differ in dtype
+  (the score gap that drives every method would be round-off). Run once before training, on
+  `batch` noisy inputs at noise levels 0.5 and 2 (unconditional for a guided teacher, whose
+  conditional output is the guided mixture). Returns NaN for an analytic teacher.
+  """
+  teacher = setup.teacher
+  if teacher.spec.get("kind") != "network":
+    return float("nan")
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  x = jax.random.normal(k1, (batch, *teacher.data_shape))
+  sigma = jnp.geomspace(0.5, 2.0, batch)
+  x = x * sigma.reshape((batch,) + (1,) * len(teacher.data_shape))
+  labels = None
+  if teacher.num_classes and not teacher.spec.get("guidance_applied"):  # a guided teacher: compare unconditionally
+    labels = jax.nn.one_hot(jax.random.randint(k2, (batch,), 0, teacher.num_classes), teacher.num_classes)
+
+  @jax.jit
+  def gap(p):
+    fake = setup.net_apply(p, x, sigma, labels).astype(jnp.float32)
+    d = fake - teacher.apply(p, x, sigma, labels).astype(jnp.float32)
+    return jnp.sqrt(jnp.mean(d**2))
+
+  return float(gap(teacher.params))
+
+
 def build_setup(config, teacher: Teacher | None = None) -> DistillSetup:
   teacher = teachers.from_config(config.teacher) if teacher is None else teacher
+  # The teacher computes in the student's dtype: at step 0 (fake = teacher) the score gap is exactly 0.
+  teacher = with_compute_dtype(teacher, config.get("compute_dtype"))
   spec = student_spec(config, teacher)
   module = nets.build(spec)
   loss = LossSpec(
@@ -342,6 +375,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teacher:
   config = ml_collections.ConfigDict(config)  # private, unlocked copy
   validate_distill(config)
   setup = build_setup(config, teacher)  # loads and checks the teacher: a bad one leaves no workdir behind
+  if setup.teacher.spec.get("kind") == "network":
+    gap = init_score_gap(setup)
+    metrics_lib.log_line(f"health/score_gap at step 0 (fake = teacher, {config.compute_dtype}): {gap:.3g}")
+    if gap != 0.0:
+      logging.warning("teacher and fake denoiser disagree at step 0 (score gap %.3g): different compute dtypes?", gap)
   return runner.run_job(make_job(config, setup, workdir), config, workdir)
 
 

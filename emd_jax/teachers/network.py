@@ -12,6 +12,7 @@ networks, teachers trained by emd_jax), so configs only name the directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -127,24 +128,51 @@ def read_params(path: str, info: dict | None = None) -> tuple[dict, Any]:
   return info, params
 
 
-def load(path: str) -> Teacher:
-  """Loads a teacher directory written by `save` (or `python -m emd_jax.convert`), checked first."""
+def network_apply(net_spec: dict):
+  """`apply(params, x, sigma, labels) -> D(x, sigma)` of the network `net_spec` describes."""
   from emd_jax.nets import build
 
+  module = build(net_spec)
+
+  def apply(p, x, sigma, labels=None):
+    return module.apply({"params": p}, x, sigma, labels)
+
+  return apply
+
+
+def with_compute_dtype(teacher: Teacher, dtype: str | None) -> Teacher:
+  """A network teacher that computes in `dtype` (its parameters, spec and guidance unchanged).
+
+  The distillation job builds the generator and the fake denoiser with `config.compute_dtype`; the
+  teacher computes in the same dtype so that at step 0, when the fake denoiser is a copy of the
+  teacher, the score gap `D_fake - D_teacher` is exactly zero rather than bf16 round-off.
+  Analytic teachers, teachers whose spec already has `dtype`, or `dtype=None`: returned as given.
+  """
+  if not dtype or teacher.spec.get("kind") != "network":
+    return teacher
+  net = teacher.spec["net"]
+  if net.get("dtype", "float32") == dtype:
+    return teacher  # the loader's apply already computes in `dtype`
+  from emd_jax.teachers.guidance import guided_apply
+
+  apply = network_apply({**net, "dtype": dtype})
+  if teacher.spec.get("guidance_applied"):
+    apply = guided_apply(apply, float(teacher.spec["guidance"]))
+  return dataclasses.replace(teacher, apply=apply)
+
+
+def load(path: str) -> Teacher:
+  """Loads a teacher directory written by `save` (or `python -m emd_jax.convert`), checked first."""
   if not os.path.isdir(path):
     raise FileNotFoundError(f"teacher checkpoint not found: {path} is not a directory")
   info, params = read_params(path)
   params = jax.tree.map(jnp.asarray, params)
-  module = build(info["net"])
-
-  def apply(p, x, sigma, labels=None):
-    return module.apply({"params": p}, x, sigma, labels)
 
   from emd_jax.teachers.guidance import with_guidance
 
   return with_guidance(  # applies a stored classifier-free guidance scale (conditional teachers)
     Teacher(
-      apply=apply,
+      apply=network_apply(info["net"]),
       params=params,
       data_shape=tuple(info["data_shape"]),
       num_classes=int(info.get("num_classes", 0)),
