@@ -239,6 +239,7 @@ def write_npz(path: str, **arrays: np.ndarray) -> str:
   if paths.isdir(path):
     raise UserInputError(f"{path}: is a directory, not an output file")
   if paths.is_remote(path):
+    paths.makedirs(os.path.dirname(path))
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     paths.write_bytes(path, buf.getvalue())
