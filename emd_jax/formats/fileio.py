@@ -61,6 +61,10 @@ MAX_NPZ_ARRAY_BYTES = 8 << 30  # one array of an input npz, uncompressed
 
 
 MARKER_FILE = "_COMPLETE"  # written last into every published directory
+
+
+class IncompleteError(UserInputError, FileNotFoundError):
+  """A published directory without its marker, or missing a file its marker lists (a `FileNotFoundError` too)."""
 MARKER_FORMAT = 1
 
 
@@ -174,14 +178,14 @@ _UNMARKED_WARNED: set[str] = set()
 def require_complete(directory: str, what: str) -> dict | None:
   """The marker of a published `directory` (see `publish`), after checking every file it lists exists.
 
-  Raises `UserInputError` "incomplete {what}: {directory}: ..." when a file it lists is
+  Raises `IncompleteError` "incomplete {what}: {directory}: ..." when a file it lists is
   missing, or when a URI has no marker. A local directory without a marker (written by an
   emd_jax before markers) is accepted with a warning; returns None then.
   """
   marker = os.path.join(directory, MARKER_FILE)
   if not paths.exists(marker):
     if paths.is_remote(directory):
-      raise UserInputError(
+      raise IncompleteError(
         f"incomplete {what}: {directory} has no {MARKER_FILE} marker (its write did not finish, or an emd_jax "
         f"without markers wrote it; if it is complete: python -m emd_jax.formats.fileio mark {directory})"
       )
@@ -199,7 +203,7 @@ def require_complete(directory: str, what: str) -> dict | None:
   if missing:
     more = f" (and {len(missing) - 4} more)" if len(missing) > 4 else ""
     names = ", ".join(missing[:4]) + more
-    raise UserInputError(f"incomplete {what}: {directory}: {names} listed in {MARKER_FILE} missing")
+    raise IncompleteError(f"incomplete {what}: {directory}: {names} listed in {MARKER_FILE} missing")
   return info
 
 
