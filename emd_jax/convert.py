@@ -38,7 +38,7 @@ import numpy as np
 
 from emd_jax import cli
 from emd_jax.errors import UnsafePickleError, UserInputError, one_line
-from emd_jax.formats import fileio, torch_pickle
+from emd_jax.formats import fileio, paths, torch_pickle
 
 _PRECOND_NAMES = {"EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve"}
 _ARCH_NAMES = {"SongUNet": "song_unet", "DhariwalUNet": "dhariwal_unet"}
@@ -323,7 +323,7 @@ def _read_state_dict(path: str) -> dict[str, np.ndarray]:
 def spec_from_json(text_or_path: str) -> dict:
   """A completed spec from an arch JSON (a file path or inline JSON)."""
   arch = fileio.parse_json_arg(text_or_path, "--arch_json")
-  where = f"--arch_json {text_or_path}" if os.path.exists(text_or_path) else "--arch_json"
+  where = f"--arch_json {text_or_path}" if paths.exists(text_or_path) else "--arch_json"
   if "arch" in arch:
     return _checked_spec(arch, where)
   arch = dict(arch)
@@ -342,7 +342,7 @@ def convert(
 
   if (edm is None) == (state_dict is None):
     raise UserInputError("--edm/--state_dict: give exactly one of them")
-  if os.path.exists(out) and not os.path.isdir(out):
+  if paths.exists(out) and not paths.isdir(out):
     raise UserInputError(f"--out {out}: exists and is not a directory")
   if edm is not None:
     spec, sd = read_edm_pickle(edm)

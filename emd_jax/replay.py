@@ -36,7 +36,9 @@ def replay_step(config: ml_collections.ConfigDict, workdir: str, step: int) -> d
   train.validate_distill(config)
   if step is None or step < 1:
     raise UserError(f"--step: update numbers start at 1, got {step}")
-  if not os.path.isdir(workdir):
+  from emd_jax.formats import paths
+
+  if not paths.isdir(workdir):
     raise UserError(f"--workdir {workdir}: no such run directory")
   ck_dir = os.path.join(workdir, "checkpoints")
   setup = train.build_setup(config)
@@ -47,7 +49,7 @@ def replay_step(config: ml_collections.ConfigDict, workdir: str, step: int) -> d
   teacher = jax.device_put(setup.teacher.params, teacher_sh)
   plan = faults.FaultPlan.from_config(config.get("debug"))
 
-  ck = ckpt_lib.Checkpointer(ck_dir) if os.path.isdir(ck_dir) else None  # never creates the directory
+  ck = ckpt_lib.Checkpointer(ck_dir) if paths.isdir(ck_dir) else None  # never creates the directory
   before = [s for s in ck.all_steps() if s < step] if ck else []
   if before:
     try:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
 import time
 from collections.abc import Callable
@@ -33,7 +32,7 @@ import numpy as np
 from absl import flags
 
 from emd_jax.cli import UserError
-from emd_jax.formats import fileio
+from emd_jax.formats import fileio, paths
 
 Array = jax.Array
 
@@ -130,7 +129,7 @@ def run(
     raise UserError(f"--num must be >= 0 and --batch_size >= 1, got {num} and {batch_size}")
   if sigma_y is not None and not (np.isfinite(sigma_y) and sigma_y >= 0):
     raise UserError(f"--sigma_y: must be a finite number >= 0, got {sigma_y}")
-  if not out_path or os.path.isdir(out_path):
+  if not out_path or paths.isdir(out_path):
     raise UserError(f"--out {out_path!r}: must name a file, not a directory")
   if baseline and not _BASELINE_RE.match(baseline):
     raise UserError(f"--baseline: unknown {baseline!r}; use unfolded_zero_shot, diffpir[_NFE] or ddrm[_NFE]")

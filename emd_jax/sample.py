@@ -22,8 +22,6 @@ is written to `--out`, which is written atomically.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +29,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from emd_jax.errors import UserError, UserInputError
-from emd_jax.formats import fileio
+from emd_jax.formats import fileio, paths
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS, sys_argv: list[str] | None = None) -> dict:
@@ -137,7 +135,7 @@ def main(argv: list[str], holders: dict) -> None:
     if v[name] is not None and v[name] < 1:
       raise UserError(f"--{name}: must be >= 1, got {v[name]}")
   out_path = v["out"]
-  if not out_path or os.path.isdir(out_path):
+  if not out_path or paths.isdir(out_path):
     raise UserError(f"--out {out_path!r}: must name a file, not a directory")
   rng = jax.random.key(v["seed"])
   if v["workdir"] and v["generator"]:

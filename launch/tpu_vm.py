@@ -9,6 +9,10 @@
   python launch/tpu_vm.py logs    --name emd-v4 --zone us-central2-b --run_name in64 --follow
   python launch/tpu_vm.py delete  --name emd-v4 --zone us-central2-b
 
+The workdir must be a gs:// path: every worker sees it, and the trainer writes all of it there
+(Orbax checkpoints, TensorBoard events, PNG grids, the export with its _COMPLETE marker; see
+docs/reliability.md, "Workdirs on object stores"). A teacher may also be read from gs://.
+
 Every subcommand takes --dry_run, which prints the exact commands (one per line; notes are
 `#` comments) and runs nothing. `--config.<field>=<value>` flags are passed to the trainer.
 See launch/README.md.

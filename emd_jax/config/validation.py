@@ -206,14 +206,17 @@ def validate_distill(config) -> None:
   else:
     import os
 
+    from emd_jax.formats import paths
+
     _require(bool(t.checkpoint), "teacher.checkpoint", "no teacher checkpoint directory given")
     from emd_jax.teachers import resolve_path
 
     path = resolve_path(t.checkpoint)
-    _require(os.path.isdir(path), "teacher.checkpoint", f"teacher checkpoint not found: {t.checkpoint} ({path})")
+    _require(paths.isdir(path), "teacher.checkpoint", f"teacher checkpoint not found: {t.checkpoint} ({path})")
+    _check_complete(path)
     for name in ("teacher.json", "params.msgpack"):
       _require(
-        os.path.isfile(os.path.join(path, name)),
+        paths.isfile(os.path.join(path, name)),
         "teacher.checkpoint",
         f"{t.checkpoint} is not a teacher checkpoint: {name} is missing",
       )
@@ -250,16 +253,28 @@ def _check_net(config) -> None:
 _MAX_CHECKED_PARAMS_BYTES = 1 << 30  # larger teachers are checked when they are loaded
 
 
+def _check_complete(path: str) -> None:
+  """The teacher directory's completion marker (`fileio.require_complete`) before its files are looked at."""
+  from emd_jax.errors import UserInputError
+  from emd_jax.formats import fileio
+
+  try:
+    fileio.require_complete(path, "teacher checkpoint")
+  except UserInputError as e:
+    raise ConfigError("teacher.checkpoint", str(e)) from e
+
+
 def _check_teacher_checkpoint(path: str) -> None:
   """teacher.json parses and names a known net whose parameters match params.msgpack (`network.read_params`)."""
   import os
 
   from emd_jax.errors import UserInputError
+  from emd_jax.formats import paths
   from emd_jax.teachers import network
 
   try:
     info = network.read_info(path)
-    if os.path.getsize(os.path.join(path, network.PARAMS_FILE)) <= _MAX_CHECKED_PARAMS_BYTES:
+    if paths.getsize(os.path.join(path, network.PARAMS_FILE)) <= _MAX_CHECKED_PARAMS_BYTES:
       network.read_params(path, info)
   except UserInputError as e:
     raise ConfigError("teacher.checkpoint", str(e)) from e

@@ -18,6 +18,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from emd_jax.formats import paths as fs
+
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
@@ -27,23 +29,23 @@ def list_images(folder: str) -> tuple[list[str], list[int], list[str]]:
   Class subfolders give labels 0..K-1 (sorted names); images directly in
   `folder` get label -1 when there are no class subfolders.
   """
-  folder = os.path.expanduser(folder)
-  if not os.path.isdir(folder):
+  folder = fs.expanduser(folder)
+  if not fs.isdir(folder):
     raise FileNotFoundError(f"image folder {folder!r} does not exist")
   is_image = lambda name: name.lower().endswith(EXTENSIONS)
   classes = sorted(
     d
-    for d in os.listdir(folder)
-    if os.path.isdir(os.path.join(folder, d)) and any(is_image(f) for f in os.listdir(os.path.join(folder, d)))
+    for d in fs.listdir(folder)
+    if fs.isdir(os.path.join(folder, d)) and any(is_image(f) for f in fs.listdir(os.path.join(folder, d)))
   )
   paths, labels = [], []
   if classes:
     for k, name in enumerate(classes):
-      files = sorted(f for f in os.listdir(os.path.join(folder, name)) if is_image(f))
+      files = sorted(f for f in fs.listdir(os.path.join(folder, name)) if is_image(f))
       paths += [os.path.join(folder, name, f) for f in files]
       labels += [k] * len(files)
   else:
-    files = sorted(f for f in os.listdir(folder) if is_image(f))
+    files = sorted(f for f in fs.listdir(folder) if is_image(f))
     paths = [os.path.join(folder, f) for f in files]
     labels = [-1] * len(files)
   if not paths:
@@ -78,7 +80,7 @@ def load_folder(folder: str, resolution: int, channels: int = 3) -> tuple[np.nda
   paths, labels, _ = list_images(folder)
   out = []
   for path in paths:
-    with Image.open(path) as im:
+    with fs.open(path, "rb") as fh, Image.open(fh) as im:
       im = im.convert("L" if channels == 1 else "RGB")
       w, h = im.size
       side = min(w, h)

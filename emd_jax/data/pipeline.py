@@ -49,6 +49,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from emd_jax.data import digits_tfds, image_folder
+from emd_jax.formats import paths
 
 Batch = dict[str, np.ndarray]
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "emd_jax", "tfds")
@@ -61,7 +62,7 @@ def _get(cfg: Any, key: str, default: Any) -> Any:
 
 def data_dir(cfg: Any) -> str:
   """The TFDS data dir the config names, `~` expanded."""
-  return os.path.expanduser(_get(cfg, "data_dir", DEFAULT_DATA_DIR))
+  return paths.expanduser(_get(cfg, "data_dir", DEFAULT_DATA_DIR))
 
 
 def seed_for(*parts: int | str) -> int:

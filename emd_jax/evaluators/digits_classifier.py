@@ -32,6 +32,7 @@ import optax
 from flax import serialization
 
 from emd_jax.data import digits_tfds
+from emd_jax.formats import paths
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "digits_classifier")
 RESOLUTION = 16
@@ -177,23 +178,19 @@ def train_classifier(
 
 
 def save_classifier(params: Any, meta: dict, directory: str = ASSET_DIR) -> None:
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "params.msgpack"), "wb") as f:
-    f.write(serialization.to_bytes(params))
-  with open(os.path.join(directory, "meta.json"), "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
+  paths.makedirs(directory)
+  paths.write_bytes(os.path.join(directory, "params.msgpack"), serialization.to_bytes(params))
+  paths.write_text(os.path.join(directory, "meta.json"), json.dumps(meta, indent=2, sort_keys=True))
 
 
 @functools.lru_cache(maxsize=2)
 def load_classifier(directory: str = ASSET_DIR) -> tuple[DigitsCNN, Any, dict]:
   """Loads the shipped classifier: (model, params, meta)."""
   model = DigitsCNN()
-  with open(os.path.join(directory, "meta.json")) as f:
-    meta = json.load(f)
+  meta = json.loads(paths.read_text(os.path.join(directory, "meta.json")))
   template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, RESOLUTION, RESOLUTION, 1)))["params"])
   template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
-  with open(os.path.join(directory, "params.msgpack"), "rb") as f:
-    params = serialization.from_bytes(template, f.read())
+  params = serialization.from_bytes(template, paths.read_bytes(os.path.join(directory, "params.msgpack")))
   return model, params, meta
 
 

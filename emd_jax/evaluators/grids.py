@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
 import numpy as np
+
+from emd_jax.formats import paths
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -47,5 +50,12 @@ def save_png(path: str, grid: np.ndarray, scale: int = 1) -> None:
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
   if grid.ndim == 3 and grid.shape[-1] == 1:
     grid = grid[..., 0]
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(grid).save(path)
+  path = paths.abspath(path)
+  paths.makedirs(os.path.dirname(path))
+  if not paths.is_remote(path):
+    Image.fromarray(grid).save(path)
+    return
+  buf = io.BytesIO()  # an object store: encode in memory, write one object
+  fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+  Image.fromarray(grid).save(buf, format=fmt)
+  paths.write_bytes(path, buf.getvalue())

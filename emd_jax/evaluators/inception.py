@@ -50,7 +50,7 @@ import numpy as np
 
 from emd_jax.errors import UserInputError, one_line
 from emd_jax.evaluators import frechet, registry
-from emd_jax.formats import array_pickle, fileio
+from emd_jax.formats import array_pickle, fileio, paths
 
 Array = jax.Array
 FEATURE_DIM = 2048
@@ -291,7 +291,7 @@ def load_weights(path: str) -> Any:
   a pickle laid out like jax-fid's `inception_v3_weights_fid.pickle` (`load_jax_fid_pickle`).
   """
   fileio.require_file(path, "Inception weights file")
-  with open(path, "rb") as f:
+  with paths.open(path, "rb") as f:
     head = f.read(2)
   if head == b"PK":
     return load_params(path)

@@ -191,12 +191,14 @@ def _arguments(eval_cfg: Any, e: Entry, prefix: str) -> dict[str, Any]:
 def _check_readable(field: str, path: Any) -> None:
   if not isinstance(path, str | os.PathLike):
     raise _config_error(field, f"must be a file path, got {type(path).__name__} {path!r:.60}")
-  if not os.path.exists(path):
+  from emd_jax.formats import paths
+
+  if not paths.exists(path):
     raise _config_error(field, f"{path}: does not exist")
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise _config_error(field, f"{path}: is not a regular file")
   try:
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
       f.read(1)
   except OSError as e:
     raise _config_error(field, f"{path}: cannot be read ({type(e).__name__}: {e.strerror or e})") from e

@@ -14,7 +14,6 @@ tensors, ...) raises `errors.UnsafePickleError` naming it; a file over
 
 from __future__ import annotations
 
-import os
 import pickle
 from collections.abc import Mapping
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from emd_jax.errors import UnsafePickleError, UserInputError, one_line
-from emd_jax.formats import fileio, torch_pickle
+from emd_jax.formats import fileio, paths, torch_pickle
 
 
 class _NdarrayClass:
@@ -117,10 +116,10 @@ def load_file(path: str) -> Any:
   `UserInputError` naming it.
   """
   fileio.require_file(path, "pickle")
-  size = os.path.getsize(path)
+  size = paths.getsize(path)
   if size > torch_pickle.MAX_FILE_BYTES:
     raise UnsafePickleError(f"{path}: refusing to read {size:,} bytes (limit {torch_pickle.MAX_FILE_BYTES:,})")
-  with open(path, "rb") as f:
+  with paths.open(path, "rb") as f:
     try:
       obj = _ArrayUnpickler(f).load()
     except UnsafePickleError as e:

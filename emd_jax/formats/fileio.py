@@ -10,34 +10,71 @@ Readers check what a file claims before it is trusted and raise
 - `read_images_npz`: an npz of images (allowed keys, dtype, rank, value range, finite).
 
 Writers: `write_npz` writes a temporary file beside the target and renames it
-(`os.replace`), `publish_dir` moves a finished temporary directory into place.
+(`os.replace`; on an object store the one object appears whole when written);
+`publish` writes a directory (an export, a teacher) with its completion marker
+`_COMPLETE` last, `require_complete` is what readers check first.
 Commands validate all input before they create any output directory.
+
+Every file operation goes through `emd_jax.formats.paths`, so each of these
+takes local paths and URIs (`gs://...`) alike.
+
+Publication (docs/reliability.md, "Workdirs on object stores"):
+
+- local directory: the files and the marker are written into a temporary
+  directory beside the target, which is then renamed into place
+  (`publish_dir`): a reader sees the old directory or the new one, whole;
+- URI (`gs://`, no atomic rename): an old directory's marker is deleted first,
+  then the old files; the new files are written in place, the marker last.
+  Until the marker exists, readers refuse the directory ("incomplete ...").
+
+The marker (JSON) lists every file of the directory with its size and SHA-256
+(`verify_complete` re-checks them). Readers require the marker and every file
+it lists. A directory without a marker was written by an emd_jax before markers
+existed: on a local path, where publication was already an atomic rename, it is
+accepted with a warning; on a URI it is refused (a copy of such a directory,
+once complete, is marked with `python -m emd_jax.formats.fileio mark DIR`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+from absl import logging
 
+from emd_jax import __version__
 from emd_jax.errors import UserInputError, one_line
+from emd_jax.formats import paths
 
 MAX_JSON_BYTES = 16 << 20  # a spec or settings file; anything larger is not one
 MAX_NPZ_ARRAY_BYTES = 8 << 30  # one array of an input npz, uncompressed
 
 
+MARKER_FILE = "_COMPLETE"  # written last into every published directory
+
+
+class IncompleteError(UserInputError, FileNotFoundError):
+  """A published directory without its marker, or missing a file its marker lists (a `FileNotFoundError` too)."""
+MARKER_FORMAT = 1
+
+
 def publish_dir(tmp: str, directory: str) -> str:
-  """Moves the finished directory `tmp` to `directory`, replacing any old one.
+  """Moves the finished local directory `tmp` to `directory`, replacing any old one.
 
   `tmp` must be on the same filesystem (create it in `directory`'s parent). A reader sees
   either the old directory or the new one, never a partial one; a crash between the two
-  renames leaves the old one beside it as `<directory>.old-*`.
+  renames leaves the old one beside it as `<directory>.old-*`. Local paths only
+  (object stores have no directory rename: `publish` writes a marker there instead).
   """
   if os.path.exists(directory):
     old = f"{directory}.old-{os.path.basename(tmp)}"
@@ -49,11 +86,168 @@ def publish_dir(tmp: str, directory: str) -> str:
   return directory
 
 
+def _marker_text(kind: str, files: Mapping[str, dict]) -> str:
+  info = {
+    "format_version": MARKER_FORMAT,
+    "kind": kind,
+    "emd_jax_version": __version__,
+    "files": dict(sorted(files.items())),
+  }
+  return json.dumps(info, indent=2)
+
+
+def _file_entry(data: bytes) -> dict:
+  return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+class Publication:
+  """The files of a directory being published (`publish`); each `write` is recorded for the marker."""
+
+  def __init__(self, root: str):
+    self.root = root
+    self.files: dict[str, dict] = {}
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.root, *name.split("/"))
+
+  def write(self, name: str, data: bytes | str) -> str:
+    """Writes `data` (text is UTF-8) to `name` ('/'-separated, relative); returns its path."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    path = self.path(name)
+    if "/" in name:
+      paths.makedirs(os.path.dirname(path))
+    paths.write_bytes(path, data)
+    self.files[name] = _file_entry(data)
+    return path
+
+  def copy(self, src: str, name: str) -> str:
+    """Copies the file `src` (local or remote) to `name`."""
+    return self.write(name, paths.read_bytes(src))
+
+  def mark(self, subdir: str, kind: str) -> None:
+    """Writes the marker of a directory nested in this one (e.g. a copied teacher), from the files under it."""
+    prefix = subdir.rstrip("/") + "/"
+    files = {n[len(prefix) :]: e for n, e in self.files.items() if n.startswith(prefix)}
+    self.write(prefix + MARKER_FILE, _marker_text(kind, files))
+
+
+@contextlib.contextmanager
+def publish(directory: str, kind: str, tmp_prefix: str = ".publish-") -> Iterator[Publication]:
+  """Publishes a directory: `with publish(d, "generator_export") as out: out.write("x.json", text)`.
+
+  On leaving the block without an error, the marker `_COMPLETE` (the kind and every file
+  written, with sizes and SHA-256) is written last, and the directory replaces any old one
+  at `directory`: locally by renaming a temporary sibling (`tmp_prefix`...) into place; on a
+  URI in place, after deleting the old marker, then the old files. An error removes what was
+  written (the old directory is kept on a local path, gone on a URI).
+  """
+  directory = paths.abspath(directory)
+  if paths.is_remote(directory):
+    if paths.isfile(directory):
+      raise UserInputError(f"{directory}: exists and is not a directory")
+    if paths.exists(directory):
+      marker = f"{directory}/{MARKER_FILE}"
+      if paths.exists(marker):
+        paths.remove(marker)  # first: from here on readers refuse the old directory
+      paths.rmtree(directory)
+    paths.makedirs(directory)
+    out = Publication(directory)
+    try:
+      yield out
+      paths.write_text(f"{directory}/{MARKER_FILE}", _marker_text(kind, out.files))
+    except BaseException:
+      paths.rmtree(directory, ignore_errors=True)
+      raise
+    return
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=tmp_prefix, dir=parent)
+  out = Publication(tmp)
+  try:
+    yield out
+    paths.write_text(os.path.join(tmp, MARKER_FILE), _marker_text(kind, out.files))
+    publish_dir(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+_UNMARKED_WARNED: set[str] = set()
+
+
+def require_complete(directory: str, what: str) -> dict | None:
+  """The marker of a published `directory` (see `publish`), after checking every file it lists exists.
+
+  Raises `IncompleteError` "incomplete {what}: {directory}: ..." when a file it lists is
+  missing, or when a URI has no marker. A local directory without a marker (written by an
+  emd_jax before markers) is accepted with a warning; returns None then.
+  """
+  marker = os.path.join(directory, MARKER_FILE)
+  if not paths.exists(marker):
+    if paths.is_remote(directory):
+      raise IncompleteError(
+        f"incomplete {what}: {directory} has no {MARKER_FILE} marker (its write did not finish, or an emd_jax "
+        f"without markers wrote it; if it is complete: python -m emd_jax.formats.fileio mark {directory})"
+      )
+    if directory not in _UNMARKED_WARNED:
+      _UNMARKED_WARNED.add(directory)
+      logging.warning(
+        "%s: no %s marker (written before emd_jax wrote markers); accepted on a local path", directory, MARKER_FILE
+      )
+    return None
+  info = read_json(marker, f"{what} completion marker")
+  files = info.get("files")
+  if not isinstance(files, dict) or not all(isinstance(n, str) and n for n in files):
+    raise UserInputError(f"{marker}: field 'files' must be an object of file names")
+  missing = sorted(n for n in files if not paths.exists(os.path.join(directory, *n.split("/"))))
+  if missing:
+    more = f" (and {len(missing) - 4} more)" if len(missing) > 4 else ""
+    names = ", ".join(missing[:4]) + more
+    raise IncompleteError(f"incomplete {what}: {directory}: {names} listed in {MARKER_FILE} missing")
+  return info
+
+
+def verify_complete(directory: str) -> list[str]:
+  """Problems found re-reading every file the marker of `directory` lists (sizes, SHA-256); [] if none."""
+  info = read_json(os.path.join(directory, MARKER_FILE), "completion marker")
+  problems = []
+  for name, entry in sorted(info.get("files", {}).items()):
+    path = os.path.join(directory, *name.split("/"))
+    if not paths.exists(path):
+      problems.append(f"{name}: missing")
+      continue
+    got = _file_entry(paths.read_bytes(path))
+    if got != {k: entry.get(k) for k in got}:
+      problems.append(f"{name}: {got['bytes']} bytes, sha256 {got['sha256'][:12]}; marker {entry}")
+  return problems
+
+
+def mark_complete(directory: str, kind: str = "unknown") -> str:
+  """Writes the marker of an existing directory from the files it holds now (an old export, once copied whole)."""
+  directory = paths.abspath(directory)
+  if not paths.isdir(directory):
+    raise UserInputError(f"{directory}: not a directory")
+  names = [n for n in paths.walk_files(directory) if n.split("/")[-1] != MARKER_FILE]
+  files = {n: _file_entry(paths.read_bytes(os.path.join(directory, *n.split("/")))) for n in names}
+  path = os.path.join(directory, MARKER_FILE)
+  paths.write_text(path, _marker_text(kind, files))
+  return path
+
+
 def write_npz(path: str, **arrays: np.ndarray) -> str:
-  """Writes `arrays` to `path` atomically: a temporary file in the same directory, then `os.replace`."""
-  path = os.path.abspath(path)
-  if os.path.isdir(path):
+  """Writes `arrays` to `path` atomically: a temporary file in the same directory, then `os.replace`.
+
+  On a URI the npz is built in memory and written as one object.
+  """
+  path = paths.abspath(path)
+  if paths.isdir(path):
     raise UserInputError(f"{path}: is a directory, not an output file")
+  if paths.is_remote(path):
+    paths.makedirs(os.path.dirname(path))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    paths.write_bytes(path, buf.getvalue())
+    return path
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
@@ -70,8 +264,8 @@ def write_npz(path: str, **arrays: np.ndarray) -> str:
 
 def require_file(path: str, what: str) -> str:
   """`path` if it is a regular file, else a `UserInputError` saying `what` is missing."""
-  if not os.path.isfile(path):
-    reason = "is a directory" if os.path.isdir(path) else "does not exist"
+  if not paths.isfile(path):
+    reason = "is a directory" if paths.isdir(path) else "does not exist"
     raise UserInputError(f"{path}: {what} {reason}")
   return path
 
@@ -95,12 +289,11 @@ def _loads(text: str, where: str) -> dict:
 def read_json(path: str, what: str = "JSON file") -> dict:
   """The JSON object in `path` (at most `MAX_JSON_BYTES`)."""
   require_file(path, what)
-  size = os.path.getsize(path)
+  size = paths.getsize(path)
   if size > MAX_JSON_BYTES:
     raise UserInputError(f"{path}: {size:,} bytes is too large for a {what} (limit {MAX_JSON_BYTES:,})")
   try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
+    text = paths.read_text(path)
   except UnicodeDecodeError as e:
     raise UserInputError(f"{path}: not a text file ({one_line(e)})") from e
   return _loads(text, path)
@@ -108,7 +301,7 @@ def read_json(path: str, what: str = "JSON file") -> dict:
 
 def parse_json_arg(text_or_path: str, flag: str) -> dict:
   """A JSON object given on the command line as inline text or as a file path."""
-  if os.path.exists(text_or_path):
+  if paths.exists(text_or_path):
     return read_json(text_or_path, f"{flag} file")
   if len(text_or_path) > MAX_JSON_BYTES:
     raise UserInputError(f"{flag}: inline JSON over {MAX_JSON_BYTES:,} characters")
@@ -152,8 +345,7 @@ def read_msgpack(path: str, what: str = "parameter file") -> dict:
 
   require_file(path, what)
   try:
-    with open(path, "rb") as f:
-      tree = serialization.msgpack_restore(f.read())
+    tree = serialization.msgpack_restore(paths.read_bytes(path))
   except Exception as e:  # noqa: BLE001  (msgpack raises many types on a damaged file)
     raise UserInputError(f"{path}: not a readable {what} ({type(e).__name__}: {one_line(e, 200)})") from e
   if not isinstance(tree, dict) or not tree:
@@ -206,7 +398,7 @@ def open_npz(path: str, what: str, expected: str) -> np.lib.npyio.NpzFile:
   """
   require_file(path, what)
   try:
-    f = np.load(path, allow_pickle=False)
+    f = np.load(io.BytesIO(paths.read_bytes(path)) if paths.is_remote(path) else path, allow_pickle=False)
   except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
     raise UserInputError(f"{path}: not a readable npz file ({type(e).__name__}: {one_line(e, 200)})") from e
   if not isinstance(f, np.lib.npyio.NpzFile):
@@ -254,3 +446,26 @@ def read_images_npz(path: str, flag: str = "--input") -> tuple[np.ndarray, bool]
   if lo < -1.5 or hi > 1.5:
     raise UserInputError(f"{where} values span [{lo:.3g}, {hi:.3g}]; images must be in [-1, 1] (uint8: use 'images')")
   return x, False
+
+
+def main(argv: list[str]) -> int:
+  """`python -m emd_jax.formats.fileio mark DIR [KIND]` (write a marker) or `verify DIR` (re-check one)."""
+  if len(argv) < 2 or argv[0] not in ("mark", "verify"):
+    print("usage: python -m emd_jax.formats.fileio mark DIR [KIND] | verify DIR", file=sys.stderr)
+    return 2
+  try:
+    if argv[0] == "mark":
+      print(f"wrote {mark_complete(argv[1], argv[2] if len(argv) > 2 else 'unknown')}")
+      return 0
+    problems = verify_complete(argv[1])
+  except UserInputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for p in problems:
+    print(f"{argv[1]}: {p}")
+  print(f"{argv[1]}: {'complete' if not problems else f'{len(problems)} problem(s)'}")
+  return 1 if problems else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

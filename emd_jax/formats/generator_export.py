@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +29,7 @@ from flax import serialization
 from emd_jax import __version__, nets
 from emd_jax.diffusion import student_sample, sub_grid
 from emd_jax.errors import UserInputError, one_line
-from emd_jax.formats import fileio
-from emd_jax.formats.fileio import publish_dir
+from emd_jax.formats import fileio, paths
 
 FORMAT_VERSION = 2
 KINDS = {"one_step_generator": 1, "few_step_generator": 2}  # kind -> its format version
@@ -52,14 +50,11 @@ def write_export(
   dtype: str = "float32",
   extra: dict | None = None,
 ) -> str:
-  """Writes the export atomically (temp dir, then rename over the old one).
+  """Publishes the export (`fileio.publish`: complete, with its `_COMPLETE` marker, or not at all).
 
   `sigmas`: a few-step student's grid `(sigma_init, ..., 0.0)` (N + 1 levels); None or a
   two-level grid is the one-step generator.
   """
-  directory = os.path.abspath(directory)
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
   few = sigmas is not None and len(sigmas) > 2
   kind = "few_step_generator" if few else "one_step_generator"
   meta = {
@@ -76,13 +71,10 @@ def write_export(
     **(extra or {}),
   }
   host_params = jax.tree.map(lambda x: np.asarray(x, dtype=dtype), jax.device_get(params))
-  tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-  with open(os.path.join(tmp, PARAMS_FILE), "wb") as f:
-    f.write(serialization.msgpack_serialize(host_params))
-  with open(os.path.join(tmp, SPEC_FILE), "w") as f:
-    json.dump(meta, f, indent=2, default=str)
-  publish_dir(tmp, directory)
-  return directory
+  with fileio.publish(directory, "generator_export", tmp_prefix=".export-") as out:
+    out.write(PARAMS_FILE, serialization.msgpack_serialize(host_params))
+    out.write(SPEC_FILE, json.dumps(meta, indent=2, default=str))
+  return paths.abspath(directory)
 
 
 class Sampler:
@@ -149,15 +141,17 @@ class Sampler:
 def read_export(directory: str) -> tuple[dict, dict]:
   """`(meta, params)` of an export directory, checked: the spec's fields and the params against its net.
 
-  Raises `UserInputError` naming the file: bad JSON, a missing or mistyped field, an unknown
+  Raises `UserInputError` naming the file: an incomplete export (no `_COMPLETE` marker on a
+  URI, or a file it lists missing: `fileio.require_complete`), bad JSON, a missing or mistyped field, an unknown
   architecture, params of another architecture (missing or extra leaves, shapes, dtypes), NaNs.
   """
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     raise FileNotFoundError(f"not a generator export: {directory} is not a directory")
+  fileio.require_complete(directory, "generator export")
   spec_path = os.path.join(directory, SPEC_FILE)
   params_path = os.path.join(directory, PARAMS_FILE)
   for p in (spec_path, params_path):
-    if not os.path.exists(p):
+    if not paths.exists(p):
       raise FileNotFoundError(f"not a generator export (missing {os.path.basename(p)}): {directory}")
   meta = fileio.read_json(spec_path, "generator spec")
   version = meta.get("format_version", 0)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import collections
 import functools
 import io
-import os
 import pickle
 import struct
 import zipfile
@@ -40,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from emd_jax.errors import UnsafePickleError
+from emd_jax.formats import paths
 
 MAX_FILE_BYTES = 4 << 30
 MAX_ALLOC_BYTES = 8 << 30
@@ -356,14 +356,13 @@ def load_file(path: str) -> Any:
   `pickle.UnpicklingError`, `zipfile.BadZipFile`, `EOFError` (and others of the standard
   unpickler) for damaged files; `emd_jax.convert` reports them naming the file.
   """
-  size = os.path.getsize(path)
+  size = paths.getsize(path)
   if size > MAX_FILE_BYTES:
     raise UnsafePickleError(
       f"refusing to read {size:,} bytes: over the file size limit of {MAX_FILE_BYTES:,} "
       "(emd_jax.formats.torch_pickle.MAX_FILE_BYTES)"
     )
-  with open(path, "rb") as fh:
-    data = fh.read()
+  data = paths.read_bytes(path)
   if data[:2] == b"PK":
     return load_zip(io.BytesIO(data))
   if data.startswith(_LEGACY_PREFIX):

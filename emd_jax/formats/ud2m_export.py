@@ -11,8 +11,10 @@ noise; `TASKS` holds the defaults (configs and the restore CLI override them).
                    and config
   lora.msgpack     the LoRA factors (Flax msgpack; the tree of `nets.lora.init_lora`)
   teacher/         a copy of the base teacher directory (`teacher.json` +
-                   `params.msgpack`), unless the export references the
-                   teacher by path (`export.copy_teacher = False`, large teachers)
+                   `params.msgpack` + its own `_COMPLETE`), unless the export
+                   references the teacher by path (`export.copy_teacher = False`,
+                   large teachers)
+  _COMPLETE        the completion marker, written last (`fileio.publish`)
 
 Loading needs only the network, LoRA and sampler code:
 
@@ -27,8 +29,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -38,8 +38,7 @@ from flax import serialization
 
 from emd_jax import __version__, teachers
 from emd_jax.errors import UserInputError
-from emd_jax.formats import fileio
-from emd_jax.formats.fileio import publish_dir
+from emd_jax.formats import fileio, paths
 from emd_jax.nets import lora as lora_lib
 from emd_jax.posterior import operators as ops
 from emd_jax.posterior.unfolded import unfolded_sample
@@ -109,23 +108,21 @@ def write_sampler(
   sampler: dict,
   extra: dict | None = None,
 ) -> str:
-  """Writes the export atomically (temp dir, then rename over an older one); returns its path."""
-  directory = os.path.abspath(directory)
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".ud2m-export-", dir=parent)
-  try:
+  """Publishes the export (`fileio.publish`: whole, marker last); returns its path."""
+  directory = paths.abspath(directory)
+  with fileio.publish(directory, "ud2m_sampler", tmp_prefix=".ud2m-export-") as out:
     if copy_teacher:
+      from emd_jax.teachers import network
+
       src = teachers.resolve_path(teacher_path)
-      os.makedirs(os.path.join(tmp, TEACHER_DIR))
-      for name in ("teacher.json", "params.msgpack"):
-        shutil.copy2(os.path.join(src, name), os.path.join(tmp, TEACHER_DIR, name))
+      for name in (network.SPEC_FILE, network.PARAMS_FILE):
+        out.copy(os.path.join(src, name), f"{TEACHER_DIR}/{name}")
+      out.mark(TEACHER_DIR, network.MARKER_KIND)
       ref = TEACHER_DIR
     else:
-      ref = teacher_path if teacher_path.startswith(teachers.BUILTIN_PREFIX) else os.path.abspath(teacher_path)
+      ref = teacher_path if teacher_path.startswith(teachers.BUILTIN_PREFIX) else paths.abspath(teacher_path)
     host_lora = jax.tree.map(lambda v: np.asarray(v, np.float32), jax.device_get(lora_params))
-    with open(os.path.join(tmp, LORA_FILE), "wb") as f:
-      f.write(serialization.msgpack_serialize(host_lora))
+    out.write(LORA_FILE, serialization.msgpack_serialize(host_lora))
     meta = {
       "format_version": FORMAT_VERSION,
       "emd_jax_version": __version__,
@@ -137,12 +134,7 @@ def write_sampler(
       "sampler": sampler,
       **(extra or {}),
     }
-    with open(os.path.join(tmp, SPEC_FILE), "w") as f:
-      json.dump(meta, f, indent=2, default=str)
-    publish_dir(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    out.write(SPEC_FILE, json.dumps(meta, indent=2, default=str))
   return directory
 
 
@@ -239,7 +231,9 @@ def _check_meta(meta: dict, spec: str) -> None:
 def load_sampler(directory: str) -> PosteriorSampler:
   """Loads an export written by `write_sampler`, checked first (spec fields, teacher, LoRA factors, operator)."""
   spec = os.path.join(directory, SPEC_FILE)
-  if not os.path.isfile(spec):
+  if paths.isdir(directory):
+    fileio.require_complete(directory, "UD2M sampler export")
+  if not paths.isfile(spec):
     raise FileNotFoundError(f"not a UD2M sampler export (missing {SPEC_FILE}): {directory}")
   meta = fileio.read_json(spec, "sampler spec")
   if meta.get("kind") != "ud2m_sampler":
@@ -249,7 +243,7 @@ def load_sampler(directory: str) -> PosteriorSampler:
     raise UserInputError(f"{spec}: format {version!r} is newer than this emd_jax ({FORMAT_VERSION})")
   _check_meta(meta, spec)
   ref = meta["teacher"]["path"]
-  if ref.startswith(teachers.BUILTIN_PREFIX) or os.path.isabs(ref):
+  if ref.startswith(teachers.BUILTIN_PREFIX) or paths.isabs(ref):
     teacher = teachers.load(ref)
   else:
     from emd_jax.teachers import network

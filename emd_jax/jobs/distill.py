@@ -22,6 +22,7 @@ from emd_jax.distill.losses import LossSpec
 from emd_jax.distill.state import DistillState, create_state
 from emd_jax.distill.step import StepConfig, make_train_step
 from emd_jax.formats import generator_export as export_lib
+from emd_jax.formats import paths
 from emd_jax.runtime import logs as metrics_lib
 from emd_jax.runtime import parallel, runner
 from emd_jax.runtime.loop import TrainingError  # noqa: F401  (re-exported for callers)
@@ -298,7 +299,7 @@ def export(
     from emd_jax.evaluators import images as image_eval
 
     step = int(state.step)
-    if not os.path.exists(os.path.join(workdir, f"samples_step{step}.png")):  # evaluate() may have written it
+    if not paths.exists(os.path.join(workdir, f"samples_step{step}.png")):  # evaluate() may have written it
       x, _ = _image_samples(
         config, setup, state.gen_ema, jax.random.PRNGKey(config.seed), _eval_cfg(config)["grid_size"]
       )

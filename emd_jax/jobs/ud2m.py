@@ -43,6 +43,7 @@ from flax import struct
 from emd_jax import teachers
 from emd_jax.config.validation import ConfigError, validate_common
 from emd_jax.evaluators import registry
+from emd_jax.formats import paths
 from emd_jax.formats import ud2m_export as export_lib
 from emd_jax.nets import lora as lora_lib
 from emd_jax.posterior import discriminator as disc_lib
@@ -218,7 +219,7 @@ def validate(config) -> None:
   req(config.teacher.kind == "checkpoint", "teacher.kind", "UD2M needs a network teacher ('checkpoint')")
   req(bool(config.teacher.checkpoint), "teacher.checkpoint", "no teacher checkpoint directory given")
   path = teachers.resolve_path(config.teacher.checkpoint)
-  req(os.path.isdir(path), "teacher.checkpoint", f"teacher checkpoint not found: {config.teacher.checkpoint}")
+  req(paths.isdir(path), "teacher.checkpoint", f"teacher checkpoint not found: {config.teacher.checkpoint}")
 
 
 def make_optimizers(config) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:

@@ -14,6 +14,11 @@ recomputes the checksums and raises `CorruptCheckpointError` on any mismatch;
 `quarantine` renames such a step directory aside (never deletes it), so the
 run falls back to an older step and its later saves of the same step number
 do not collide with the bad one.
+
+Checkpoint directories may be local or on an object store Orbax supports
+(`gs://`, `s3://`: TensorStore has drivers for them); there Orbax marks a
+finished step with its own commit file instead of a rename. Other URIs
+(`ram://`, ...) are refused with a clear error: TensorStore cannot write them.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from emd_jax.errors import UserError
+from emd_jax.formats import paths
 
 QUARANTINE_PREFIX = "corrupt-step"
 
@@ -81,7 +89,12 @@ class Checkpointer:
 
   def __init__(self, directory: str, max_to_keep: int = 3, asynchronous: bool = False, read_only: bool = False):
     """`read_only`: for readers of another run's checkpoints (`emd_jax.evaluate`): creates and deletes nothing."""
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.abspath(directory)
+    if paths.is_remote(self.directory) and not self.directory.startswith(paths.ORBAX_SCHEMES):
+      raise UserError(
+        f"checkpoint directory {self.directory}: Orbax checkpoints need a local path or one of "
+        f"{', '.join(paths.ORBAX_SCHEMES)} (TensorStore cannot write {self.directory.split('://')[0]}://)"
+      )
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       create=not read_only,
@@ -167,13 +180,16 @@ class Checkpointer:
     return dict(out["meta"])
 
   def quarantine(self, step: int, reason: str) -> str:
-    """Renames an unusable step directory aside (kept for inspection) and forgets the step."""
+    """Moves an unusable step directory aside (kept for inspection) and forgets the step.
+
+    Local: one rename. Object store: a copy, then the step deleted (`paths.move_tree`); a crash
+    in between leaves the step in place, found unusable and moved again by the next run.
+    """
     src = os.path.join(self.directory, str(step))
     dst = os.path.join(self.directory, f"{QUARANTINE_PREFIX}{step}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    if jax.process_index() == 0 and os.path.exists(src):
-      os.rename(src, dst)
-      with open(os.path.join(dst, "WHY_QUARANTINED.txt"), "w") as f:
-        f.write(reason + "\n")
+    if jax.process_index() == 0 and paths.exists(src):
+      paths.move_tree(src, dst)
+      paths.write_text(os.path.join(dst, "WHY_QUARANTINED.txt"), reason + "\n")
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 

@@ -9,9 +9,17 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
+from emd_jax.formats import paths
+
 
 def create_writer(workdir: str):
-  """TensorBoard + logging writer on process 0; logging-only elsewhere."""
+  """TensorBoard + logging writer on process 0; logging-only elsewhere.
+
+  A URI workdir gets the same writers built directly: CLU's factory goes through `etils.epath`,
+  which knows only some schemes, while TensorFlow's summary writer takes any `tf.io.gfile` path.
+  """
+  if paths.is_remote(workdir) and jax.process_index() == 0:
+    return metric_writers.AsyncMultiWriter([metric_writers.LoggingWriter(), metric_writers.SummaryWriter(workdir)])
   return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0, asynchronous=True)
 
 

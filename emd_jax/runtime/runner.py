@@ -20,13 +20,13 @@ separate, sharded, never-donated input, never a closure constant.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 from jax.sharding import Mesh
 
+from emd_jax.formats import paths
 from emd_jax.runtime import checkpoint as ckpt_lib
 from emd_jax.runtime import faults, loop, parallel
 from emd_jax.runtime import logs as metrics_lib
@@ -103,7 +103,7 @@ def run_job(job: Job, config, workdir: str) -> dict:
   checkpoint settings. Returns the last evaluation's scalars, `step`, what `job.export` added, and the
   final `state`.
   """
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   mesh = parallel.make_mesh(config.mesh)
   parallel.check_batch(config.batch_size, mesh)
   state_sh = parallel.tree_shardings(job.abstract_state, mesh)

@@ -9,10 +9,12 @@ def resolve_path(path: str) -> str:
   """`builtin:NAME` -> the teacher shipped in `emd_jax/assets/teachers/NAME`; other paths unchanged."""
   import os
 
+  from emd_jax.formats import paths
+
   if path.startswith(BUILTIN_PREFIX):
     name = path[len(BUILTIN_PREFIX) :]
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "teachers", name)
-  return os.path.expanduser(path)
+  return paths.expanduser(path)
 
 
 def load(path: str) -> Teacher:

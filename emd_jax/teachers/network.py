@@ -5,6 +5,8 @@ Layout of a teacher directory:
                    "data_shape": [H, W, C], "num_classes": int,
                    "sigma_data": float, "source": str, ...}
   params.msgpack  `flax.serialization.msgpack_serialize` of the params pytree.
+  _COMPLETE       the completion marker, written last (`fileio.publish`); readers
+                  require it on object stores (`gs://`), warn without it locally.
 
 Any spec `emd_jax.nets.build` understands can be saved (converted EDM
 networks, teachers trained by emd_jax), so configs only name the directory.
@@ -15,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -25,13 +25,13 @@ import numpy as np
 from flax import serialization
 
 from emd_jax.errors import UserInputError
-from emd_jax.formats import fileio
-from emd_jax.formats.fileio import publish_dir
+from emd_jax.formats import fileio, paths
 from emd_jax.teachers.base import Teacher
 
 FORMAT_VERSION = 1
 SPEC_FILE = "teacher.json"
 PARAMS_FILE = "params.msgpack"
+MARKER_KIND = "network_teacher"
 
 
 def _data_shape(spec: dict) -> list[int]:
@@ -44,7 +44,7 @@ def _data_shape(spec: dict) -> list[int]:
 
 
 def save(path: str, spec: dict, params: Any, meta: dict | None = None) -> str:
-  """Writes a teacher directory atomically (temp dir, then rename); returns `path`.
+  """Publishes a teacher directory (`fileio.publish`: whole, marker last); returns `path`.
 
   `meta` adds or overrides fields of teacher.json (e.g. "source", "data_shape").
   An existing directory at `path` is replaced.
@@ -61,19 +61,10 @@ def save(path: str, spec: dict, params: Any, meta: dict | None = None) -> str:
   }
   info.update(meta)
   params = jax.tree.map(lambda v: np.asarray(v, np.float32), jax.device_get(params))
-  path = os.path.abspath(path)
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".teacher-", dir=parent)
-  try:
-    with open(os.path.join(tmp, SPEC_FILE), "w") as f:
-      json.dump(info, f, indent=2, sort_keys=True)
-    with open(os.path.join(tmp, PARAMS_FILE), "wb") as f:
-      f.write(serialization.msgpack_serialize(params))
-    publish_dir(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  path = paths.abspath(path)
+  with fileio.publish(path, MARKER_KIND, tmp_prefix=".teacher-") as out:
+    out.write(SPEC_FILE, json.dumps(info, indent=2, sort_keys=True))
+    out.write(PARAMS_FILE, serialization.msgpack_serialize(params))
   return path
 
 
@@ -82,7 +73,9 @@ def read_info(path: str) -> dict:
   from emd_jax import nets
 
   spec_file = os.path.join(path, SPEC_FILE)
-  if not os.path.isfile(spec_file):
+  if paths.isdir(path):
+    fileio.require_complete(path, "teacher checkpoint")
+  if not paths.isfile(spec_file):
     raise FileNotFoundError(f"teacher checkpoint not found: {spec_file} is missing")
   info = fileio.read_json(spec_file, "teacher spec")
   if info.get("kind") != "network":
@@ -114,7 +107,7 @@ def read_params(path: str, info: dict | None = None) -> tuple[dict, Any]:
 
   info = read_info(path) if info is None else info
   params_file = os.path.join(path, PARAMS_FILE)
-  if not os.path.isfile(params_file):
+  if not paths.isfile(params_file):
     raise FileNotFoundError(f"teacher checkpoint not found: {params_file} is missing")
   params = fileio.read_msgpack(params_file, "teacher parameter file")
   try:
@@ -163,7 +156,7 @@ def with_compute_dtype(teacher: Teacher, dtype: str | None) -> Teacher:
 
 def load(path: str) -> Teacher:
   """Loads a teacher directory written by `save` (or `python -m emd_jax.convert`), checked first."""
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     raise FileNotFoundError(f"teacher checkpoint not found: {path} is not a directory")
   info, params = read_params(path)
   params = jax.tree.map(jnp.asarray, params)
