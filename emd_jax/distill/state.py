@@ -36,6 +36,10 @@ class DistillState:
   fake_opt_state: Any
   nonfinite_count: Array  # int32 [], steps skipped so far
   nonfinite_streak: Array  # int32 [], consecutive skipped steps up to now
+  # The adversarial term's discriminator head and its fake-optimizer state (`distill/adversarial.py`);
+  # None (no leaves) without the term, so the data-free state is unchanged.
+  disc_params: Any = None
+  disc_opt_state: Any = None
 
 
 def create_state(rng: Array, student_params, tx_gen, tx_fake) -> DistillState:
