@@ -52,7 +52,8 @@ class AdvSpec:
 
 
 class DiscHead(nn.Module):
-  """Features `[B, ..., C]` -> logits `[B]`: LayerNorm, Dense(hidden), SiLU, Dense(1) per position, mean over positions."""
+  """Features `[B, ..., C]` -> logits `[B]`: LayerNorm, Dense(hidden), SiLU, Dense(1) per position, then the mean
+  over positions."""
 
   hidden: int = 64
 
@@ -64,7 +65,7 @@ class DiscHead(nn.Module):
 
 
 def make_disc_apply(features_apply: Callable, hidden: int) -> Callable:
-  """`disc(fake_params, head_params, x_t, sigma, labels) -> [B]` logits from `features_apply(params, x, sigma, labels)`."""
+  """`disc(fake_params, head_params, x_t, sigma, labels) -> [B]`: a head on `features_apply`'s output."""
   head = DiscHead(hidden)
 
   def disc(fake_params, head_params, x, sigma, labels):
