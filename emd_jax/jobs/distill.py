@@ -329,11 +329,14 @@ def _create(setup: DistillSetup, key, params) -> DistillState:
 def sharded_step(setup: DistillSetup, mesh, abstract: DistillState):
   """The jitted step with explicit shardings and a donated state.
 
-  Returns `(step_fn, state_shardings, teacher_shardings)`.
+  Returns `(step_fn, state_shardings, teacher_shardings)`. With the adversarial term on, the step
+  also takes the real batch, split over the mesh's batch axes: `step_fn(state, teacher_params, batch)`.
   """
   state_sh = parallel.tree_shardings(abstract, mesh)
   teacher_sh = parallel.tree_shardings(setup.teacher.params, mesh)
-  return runner.jit_step(_make_step(setup, mesh), state_sh, (teacher_sh,), mesh=mesh), state_sh, teacher_sh
+  batch_sh = parallel.batch_sharding(mesh) if setup.step_cfg.adv.on else None
+  step = runner.jit_step(_make_step(setup, mesh), state_sh, (teacher_sh,), batch_sh, mesh=mesh)
+  return step, state_sh, teacher_sh
 
 
 def _make_step(setup: DistillSetup, mesh):
