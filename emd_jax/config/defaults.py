@@ -94,6 +94,9 @@ def distill_config() -> ml_collections.ConfigDict:
   c.fake.steps_per_gen_step = 1
   c.fake.loop = "auto"  # several fake updates: "auto" (unrolled up to 8, else a scan), "unroll", "scan"
   c.fake.noise = noise(-1.2, 1.2)
+  # Adversarial term (docs/algorithms.md "Adversarial term"): the discriminator's loss weight in the
+  # fake update. None: from the method preset (0 = off for the data-free rows; sida, dmd2, emd_sim_adv).
+  c.fake.adv_weight = config_dict.placeholder(float)
 
   c.estep = ml_collections.ConfigDict()
   c.estep.num_steps = config_dict.placeholder(int)  # None: from the method preset
@@ -111,6 +114,32 @@ def distill_config() -> ml_collections.ConfigDict:
   c.loss.power = 4
   c.loss.sid_alpha = 1.2
   c.loss.noise = noise(-1.2, 1.2)  # generator noise levels
+  # The generator's non-saturating GAN term on real data; None: from the method preset (0 = off).
+  c.loss.adv_weight = config_dict.placeholder(float)
+
+  # The adversarial term's discriminator (distill/adversarial.py): a head on the fake score's encoder
+  # features, fed real images and generator samples noised x + sigma n with sigma ~ `sigma` (a noise
+  # section as above: lognormal, loguniform or the EDM grid 'edm_steps').
+  c.adv = ml_collections.ConfigDict()
+  c.adv.sigma = noise(-1.2, 1.2)
+  c.adv.r1_weight = 0.0  # R1 penalty r1_weight / 2 * ||grad_x D(real_t)||^2 in the fake update
+  c.adv.head_hidden = 64
+
+  # Real data, read only by the adversarial term (name '' = none: the data-free default). The fields
+  # of `emd_jax.data.pipeline` (as the teacher-training job's `data`), or name 'gmm': `num_examples`
+  # exact samples of the analytic teacher, drawn once from `seed`.
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ""
+  c.data.image_folder = ""
+  c.data.resolution = config_dict.placeholder(int)  # must equal the teacher's H
+  c.data.preprocess = "auto"
+  c.data.channels = config_dict.placeholder(int)  # None: the source's
+  c.data.split = "train"
+  c.data.data_dir = config_dict.placeholder(str)
+  c.data.num_classes = 10
+  c.data.in_memory = config_dict.placeholder(bool)
+  c.data.shuffle_buffer = 10000
+  c.data.num_examples = 4096  # data.name 'gmm' only
 
   # Scale: activation dtype (params and optimizer stay float32), rematerialisation of
   # network passes ("none", "dots", "full"), gradient accumulation over micro-batches.

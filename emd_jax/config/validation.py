@@ -221,6 +221,60 @@ def validate_distill(config) -> None:
         f"{t.checkpoint} is not a teacher checkpoint: {name} is missing",
       )
     _check_teacher_checkpoint(path)
+  _check_adversarial(config)
+
+
+def _check_adversarial(config) -> None:
+  """The adversarial term: weights, its noise levels, and real data that fit the teacher."""
+  gen_w = config.loss.get("adv_weight") or 0.0
+  disc_w = config.fake.get("adv_weight") or 0.0
+  _require(gen_w >= 0, "loss.adv_weight", f"must be >= 0 (0: off), got {gen_w}")
+  _require(disc_w >= 0, "fake.adv_weight", f"must be >= 0 (0: off), got {disc_w}")
+  if not (gen_w or disc_w):
+    return
+  _require(
+    disc_w > 0,
+    "fake.adv_weight",
+    f"must be > 0 when loss.adv_weight={gen_w} > 0: the discriminator is trained only by the fake update",
+  )
+  adv = config.get("adv")
+  _require(adv is not None, "adv", "the adversarial term needs an adv section (config.defaults.distill_config)")
+  _check_noise(adv.sigma, "adv.sigma")
+  _require(adv.r1_weight >= 0, "adv.r1_weight", f"must be >= 0, got {adv.r1_weight}")
+  _require(adv.head_hidden >= 1, "adv.head_hidden", f"must be >= 1, got {adv.head_hidden}")
+  data = config.get("data")
+  has_data = data is not None and bool(data.get("name") or data.get("image_folder"))
+  _require(
+    has_data,
+    "data.name",
+    f"loss.adv_weight={gen_w} / fake.adv_weight={disc_w} (method {config.method!r}) need real data, and no data "
+    "is configured: set data.name ('digits', a TFDS name, or 'gmm' for samples of the analytic teacher) or "
+    "data.image_folder, or set both weights to 0",
+  )
+  t = config.teacher
+  if t.kind == "gmm":
+    _require(
+      data.name == "gmm" and not data.get("image_folder"),
+      "data.name",
+      f"the gmm teacher's data are vectors of dimension {t.dim}: use data.name='gmm', got {data.name!r}",
+    )
+    _require(data.num_examples >= 1, "data.num_examples", f"must be >= 1, got {data.num_examples}")
+    return
+  _require(data.name != "gmm", "data.name", "'gmm' samples the analytic teacher; this teacher is a checkpoint")
+  from emd_jax.teachers import network, resolve_path
+
+  info = network.read_info(resolve_path(t.checkpoint))
+  h, w, c = info["data_shape"]
+  _require(
+    data.get("resolution") == h and h == w,
+    "data.resolution",
+    f"must equal the teacher's resolution {h} (data shape {info['data_shape']}), got {data.get('resolution')}",
+  )
+  if data.get("channels") is not None:
+    _require(data.channels == c, "data.channels", f"must equal the teacher's {c} channels, got {data.channels}")
+  k = int(info.get("num_classes", 0))
+  if k:
+    _require(data.num_classes == k, "data.num_classes", f"must equal the teacher's {k} classes, got {data.num_classes}")
 
 
 def _check_net(config) -> None:

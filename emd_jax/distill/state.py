@@ -38,6 +38,10 @@ class DistillState:
   nonfinite_streak: Array  # int32 [], consecutive skipped steps up to now
   # Named extra EMAs of the generator (`generator.ema_tracks`), {name: params}; {} (no leaves) by default.
   gen_ema_tracks: Any = flax.struct.field(default_factory=dict)
+  # The adversarial term's discriminator head and its fake-optimizer state (`distill/adversarial.py`);
+  # None (no leaves) without the term, so the data-free state is unchanged.
+  disc_params: Any = None
+  disc_opt_state: Any = None
 
 
 def create_state(rng: Array, student_params, tx_gen, tx_fake, ema_tracks: tuple[str, ...] = ()) -> DistillState:

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import optax
 
 from emd_jax.diffusion import NoiseDist, Schedule, expand_to
+from emd_jax.distill import adversarial
+from emd_jax.distill.adversarial import AdvSpec
 from emd_jax.distill.estep import EStepResult, langevin_estep
 from emd_jax.distill.fake_score import dsm_loss_and_grad
 from emd_jax.distill.losses import LossSpec, generator_loss
@@ -98,6 +100,8 @@ class StepConfig:
   # recipe: every step's output is a sample the loss and the fake score see); "last": n_b = N - 1,
   # the sampler's final output only (the earlier steps learn only through `gen_backprop`).
   gen_train_step: str = "last"
+  # The optional adversarial term on real data (`distill/adversarial.py`); off: the data-free step.
+  adv: AdvSpec = AdvSpec()
 
   @property
   def gen_steps(self) -> int:
@@ -115,14 +119,18 @@ class Nets:
 
   net_apply: Callable
   teacher_apply: Callable
+  # The adversarial term's discriminator `disc(fake_params, head_params, x_t, sigma, labels) -> [B]`
+  # (`adversarial.make_disc_apply`); None without the term.
+  disc_apply: Callable | None = None
 
   @classmethod
-  def build(cls, remat: str, net_apply: Callable, teacher_apply: Callable) -> Nets:
-    """Both functions under `jax.checkpoint(policy=REMAT_POLICIES[remat])`, or as given for 'none'."""
+  def build(cls, remat: str, net_apply: Callable, teacher_apply: Callable, disc_apply: Callable | None = None) -> Nets:
+    """The functions under `jax.checkpoint(policy=REMAT_POLICIES[remat])`, or as given for 'none'."""
     if remat == "none":
-      return cls(net_apply, teacher_apply)
+      return cls(net_apply, teacher_apply, disc_apply)
     policy = REMAT_POLICIES[remat]
-    return cls(jax.checkpoint(net_apply, policy=policy), jax.checkpoint(teacher_apply, policy=policy))
+    ck = lambda f: None if f is None else jax.checkpoint(f, policy=policy)  # noqa: E731
+    return cls(ck(net_apply), ck(teacher_apply), ck(disc_apply))
 
 
 class Txs(NamedTuple):
@@ -148,10 +156,24 @@ class Draws(NamedTuple):
   gen_sigma: Array | None = None  # [B] that step's input level sigma_{n_b}; z and fake_z are sigma_{n_b} N(0, I)
   sim_noise: Array | None = None  # [N-1, B, ...] the backward simulation's noises (start, then re-noising)
   base: Array | None = None  # [B, ...] stop_grad(x0_{n_b - 1}), 0 where n_b = 0 (set by `simulate`)
+  # The adversarial term only (None without it); see `adversarial.add_draws`.
+  real: Array | None = None  # [B, ...] the step's real batch
+  real_labels: Array | None = None  # [B, C] its one-hot labels (conditional teachers), else None
+  adv_real_sigma: Array | None = None  # [S, B] noise levels of the real inputs, per fake update
+  adv_real_noise: Array | None = None  # [S, B, ...]
+  adv_fake_sigma: Array | None = None  # [S, B] of the generator samples the discriminator sees
+  adv_fake_noise: Array | None = None  # [S, B, ...]
+  adv_gen_sigma: Array | None = None  # [B] of the generator's own term
+  adv_gen_noise: Array | None = None  # [B, ...]
 
 
 # Fields of `Draws` whose batch axis is 1 (one row per fake update or simulated step).
-STEP_MAJOR = ("fake_z", "fake_sigma", "fake_noise", "sim_noise")
+STEP_MAJOR = ("fake_z", "fake_sigma", "fake_noise", "sim_noise") + (
+  "adv_real_sigma",
+  "adv_real_noise",
+  "adv_fake_sigma",
+  "adv_fake_noise",
+)
 
 
 class FakeStats(NamedTuple):
@@ -160,6 +182,7 @@ class FakeStats(NamedTuple):
   loss: Array  # [S]
   grad_norm: Array  # [S]
   ok: Array  # [S] bool
+  disc_loss: Array | None = None  # [S] the adversarial term's discriminator loss (None without it)
 
 
 def step_key(state: DistillState) -> Array:
@@ -311,7 +334,15 @@ def fake_unrolled(cfg: StepConfig) -> bool:
 
 
 def fake_update(
-  cfg: StepConfig, nets: Nets, tx_fake, gen_params, fake_params, fake_opt_state, d: Draws, x0: Array | None = None
+  cfg: StepConfig,
+  nets: Nets,
+  tx_fake,
+  gen_params,
+  fake_params,
+  fake_opt_state,
+  d: Draws,
+  x0: Array | None = None,
+  disc: tuple | None = None,
 ):
   """`cfg.fake_steps` EDM denoising updates of the fake denoiser on generator samples.
 
@@ -319,29 +350,48 @@ def fake_update(
   `cfg.grad_accum_steps` micro-batches). `x0 = g(z)` `[B, ...]`, when given (only without
   accumulation), is the first update's batch instead of a second generator pass; a scanned loop
   recomputes it. Returns `(fake_params, fake_opt_state, FakeStats)`.
+
+  `disc = (head_params, head_opt_state)` adds the adversarial term's discriminator loss to each
+  update (the fake network's gradient is the sum; the head has its own state of `tx_fake`) and
+  returns `(fake_params, fake_opt_state, FakeStats, disc)`.
   """
   if x0 is not None and cfg.grad_accum_steps != 1:
     raise ValueError("fake_update: x0 is the full batch; it cannot be reused with grad_accum_steps > 1")
 
   def update(carry, s):
-    params, opt_state = carry
+    params, opt_state = carry[:2]
 
     def one(part):
       if x0 is not None and isinstance(s, int) and s == 0:
         x = x0
       else:
         x = generate(cfg, nets, gen_params, part.fake_z[s], part)
-      return dsm_loss_and_grad(
+      out = dsm_loss_and_grad(
         nets.net_apply, params, x, part.fake_sigma[s], part.fake_noise[s], part.labels, cfg.sigma_data
       )
+      if disc is None:
+        return out
+      adv_loss, (g_net, g_head), _ = adversarial.disc_loss_and_grads(
+        cfg.adv, nets.disc_apply, params, carry[2][0], part, s, x
+      )
+      return out[0], jax.tree.map(jnp.add, out[1], g_net), adv_loss, g_head
 
-    loss, grads = accumulate(one, d, cfg.grad_accum_steps)
+    if disc is None:
+      loss, grads = accumulate(one, d, cfg.grad_accum_steps)
+    else:
+      loss, grads, adv_loss, g_head = accumulate(one, d, cfg.grad_accum_steps)
     updates, opt_state = tx_fake.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     ok = jnp.isfinite(loss) & all_finite(grads)
-    return (params, opt_state), (loss, optax.global_norm(grads), ok)
+    if disc is None:
+      return (params, opt_state), (loss, optax.global_norm(grads), ok)
+    head, head_opt = carry[2]
+    head_updates, head_opt = tx_fake.update(g_head, head_opt, head)
+    head = optax.apply_updates(head, head_updates)
+    ok = ok & jnp.isfinite(adv_loss) & all_finite(g_head)
+    return (params, opt_state, (head, head_opt)), (loss, optax.global_norm(grads), ok, adv_loss)
 
-  carry = (fake_params, fake_opt_state)
+  carry = (fake_params, fake_opt_state) + (() if disc is None else (disc,))
   if fake_unrolled(cfg):
     # A trace-time loop, not a scan (see FAKE_UNROLL_MAX): the same updates in the same order.
     outs = []
@@ -352,7 +402,9 @@ def fake_update(
   else:
     carry, outs = jax.lax.scan(update, carry, jnp.arange(cfg.fake_steps))
     stats = FakeStats(*outs)
-  return carry[0], carry[1], stats
+  if disc is None:
+    return carry[0], carry[1], stats
+  return carry[0], carry[1], stats, carry[2]
 
 
 def _denoisers(nets: Nets, fake_params, teacher_params, labels) -> tuple[Callable, Callable]:
@@ -395,13 +447,23 @@ def run_estep(cfg: StepConfig, nets: Nets, gen_params, fake_params, teacher_para
 
 
 def generator_grads(
-  cfg: StepConfig, nets: Nets, gen_params, fake_params, teacher_params, d: Draws, x0=None, gen_vjp=None
+  cfg: StepConfig,
+  nets: Nets,
+  gen_params,
+  fake_params,
+  teacher_params,
+  d: Draws,
+  x0=None,
+  gen_vjp=None,
+  disc_params=None,
 ):
   """`(loss, grads, metrics)` of the M-step (after the E-step, if any) on one (micro-)batch `d`.
 
   `x0, gen_vjp = jax.vjp(g, gen_params)` at `d.z`, when given, is reused; otherwise it is computed.
   The loss depends on `gen_params` only through `x0`: its `dL/dx0` is pulled back through the VJP
   (through a new one at `z_K` when the E-step moved the latent). `grads` has `gen_params`' structure.
+  With the adversarial term on (`cfg.adv.gen_weight > 0`), the generator's GAN term at the same `x0`
+  is added to the loss, the discriminator (`fake_params`, `disc_params`) stopped.
   """
   teacher_fn, fake_fn = _denoisers(nets, fake_params, teacher_params, d.labels)
   if x0 is None:
@@ -431,6 +493,15 @@ def generator_grads(
       sigma_data=cfg.sigma_data,
     )
 
+  if cfg.adv.gen_weight:
+    method_loss = loss_of_x0
+    disc_fn = adversarial.frozen_disc(nets.disc_apply, fake_params, disc_params)
+
+    def loss_of_x0(x):
+      loss, m = method_loss(x)
+      adv = adversarial.gen_term(cfg.adv, disc_fn, x, d.adv_gen_sigma, d.adv_gen_noise, d.labels)
+      return loss + adv, {**m, "loss/adv_generator": adv}
+
   (loss, loss_metrics), dx0 = jax.value_and_grad(loss_of_x0, has_aux=True)(x0)
   (grads,) = gen_vjp(dx0)
   metrics.update(loss_metrics)
@@ -449,10 +520,15 @@ def ema_decay(cfg: StepConfig, state: DistillState):
 
 
 def train_step(
-  cfg: StepConfig, nets: Nets, txs: Txs, state: DistillState, teacher_params, batch_sharding=None
+  cfg: StepConfig, nets: Nets, txs: Txs, state: DistillState, teacher_params, batch_sharding=None, real=None
 ) -> tuple[DistillState, dict]:
-  """One distillation step (the five steps of the module docstring): `(new_state, scalar metrics)`."""
+  """One distillation step (the five steps of the module docstring): `(new_state, scalar metrics)`.
+
+  `real`: the step's real batch {'image': [B, ...], 'label': [B, K]}, read only by the adversarial term.
+  """
   d = draw_randomness(cfg, step_key(state), batch_sharding)
+  if cfg.adv.on:
+    d = adversarial.add_draws(cfg, step_key(state), d, real)
   # 0. A few-step student's inputs: its own earlier steps (backward simulation, no gradient).
   d = with_base(cfg, nets, state.gen_params, d)
 
@@ -462,13 +538,16 @@ def train_step(
     x0, gen_vjp = jax.vjp(lambda p: generate(cfg, nets, p, d.z, d, cfg.gen_backprop), state.gen_params)
 
   # 2. Fake-denoiser updates on generator samples.
-  fake_params, fake_opt_state, fake = fake_update(
-    cfg, nets, txs.fake, state.gen_params, state.fake_params, state.fake_opt_state, d, x0
+  disc = (state.disc_params, state.disc_opt_state) if cfg.adv.on else None
+  fake_params, fake_opt_state, fake, *new_disc = fake_update(
+    cfg, nets, txs.fake, state.gen_params, state.fake_params, state.fake_opt_state, d, x0, disc
   )
 
   # 3-4. E-step and M-step with the new fake denoiser, accumulated over micro-batches.
   g_loss, g_grads, metrics = accumulate(
-    lambda part: generator_grads(cfg, nets, state.gen_params, fake_params, teacher_params, part, x0, gen_vjp),
+    lambda part: generator_grads(
+      cfg, nets, state.gen_params, fake_params, teacher_params, part, x0, gen_vjp, new_disc[0][0] if disc else None
+    ),
     d,
     cfg.grad_accum_steps,
   )
@@ -490,6 +569,9 @@ def train_step(
     fake_params=fake_params,
     fake_opt_state=fake_opt_state,
   )
+  if disc is not None:
+    new = new.replace(disc_params=new_disc[0][0], disc_opt_state=new_disc[0][1])
+    metrics["loss/disc"] = jnp.mean(fake.disc_loss)
   kept, guard_metrics = guarded_update(ok, new, state)
   metrics.update(
     {
@@ -513,15 +595,25 @@ def make_train_step(
   tx_gen: optax.GradientTransformation,
   tx_fake: optax.GradientTransformation,
   batch_sharding=None,
+  disc_apply: Callable | None = None,
 ) -> Callable[[DistillState, object], tuple[DistillState, dict]]:
   """`train_step` with its static arguments bound: `step(state, teacher_params) -> (state, metrics)`.
 
   Not yet jitted. `net_apply(params, x, sigma, labels)` is the student architecture (generator
   and fake denoiser share it); `teacher_apply(params, x, sigma, labels)` the teacher.
-  `batch_sharding`, if given, constrains per-example arrays.
+  `batch_sharding`, if given, constrains per-example arrays. With the adversarial term on
+  (`cfg.adv.on`, `disc_apply` from `adversarial.make_disc_apply`) the step is
+  `step(state, teacher_params, real_batch)`.
   """
-  nets = Nets.build(cfg.remat, net_apply, teacher_apply)
+  nets = Nets.build(cfg.remat, net_apply, teacher_apply, disc_apply)
   txs = Txs(tx_gen, tx_fake)
+
+  if cfg.adv.on:
+
+    def adv_step(state: DistillState, teacher_params, real) -> tuple[DistillState, dict]:
+      return train_step(cfg, nets, txs, state, teacher_params, batch_sharding, real)
+
+    return adv_step
 
   def step(state: DistillState, teacher_params) -> tuple[DistillState, dict]:
     return train_step(cfg, nets, txs, state, teacher_params, batch_sharding)

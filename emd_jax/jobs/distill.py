@@ -18,6 +18,7 @@ from absl import logging
 from emd_jax import nets, teachers
 from emd_jax.config.validation import validate_distill
 from emd_jax.diffusion import Schedule, noise_dist_from_config, student_sample, student_sigmas
+from emd_jax.distill import adversarial
 from emd_jax.distill.losses import LossSpec
 from emd_jax.distill.state import DistillState, create_state
 from emd_jax.distill.step import StepConfig, make_train_step
@@ -46,6 +47,15 @@ class DistillSetup:
 
   def net_apply(self, params, x, sigma, labels=None):
     return self.module.apply({"params": params}, x, sigma, labels)
+
+  def net_features(self, params, x, sigma, labels=None):
+    """The student architecture's encoder features (`nets.features_apply`), the discriminator's input."""
+    return nets.features_apply(self.module, params, x, sigma, labels)
+
+  def disc_apply(self):
+    """The adversarial term's discriminator on the fake network, or None when the term is off."""
+    adv = self.step_cfg.adv
+    return adversarial.make_disc_apply(self.net_features, adv.head_hidden) if adv.on else None
 
 
 def student_spec(config, teacher: Teacher) -> dict:
@@ -140,10 +150,73 @@ def build_setup(config, teacher: Teacher | None = None) -> DistillSetup:
     gen_sigmas=gen_sigmas if len(gen_sigmas) > 2 else (),
     gen_backprop=bool(config.generator.get("backprop_steps", False)),
     gen_train_step=config.generator.get("train_step", "last"),
+    adv=adv_spec(config),
   )
   tx_gen = make_optimizer(config.generator, config.total_steps)
   tx_fake = make_optimizer(config.fake, config.total_steps)
   return DistillSetup(teacher, spec, module, step_cfg, tx_gen, tx_fake, build_evaluator(config, teacher))
+
+
+def adv_spec(config) -> adversarial.AdvSpec:
+  """The adversarial term's settings (`loss.adv_weight`, `fake.adv_weight`, `adv.*`); all off when absent."""
+  gen_w = float(config.loss.get("adv_weight") or 0.0)
+  disc_w = float(config.fake.get("adv_weight") or 0.0)
+  if not (gen_w or disc_w):
+    return adversarial.AdvSpec()
+  adv = config.adv
+  return adversarial.AdvSpec(
+    gen_weight=gen_w,
+    disc_weight=disc_w,
+    r1_weight=float(adv.r1_weight),
+    sigma=noise_dist_from_config(adv.sigma),
+    head_hidden=int(adv.head_hidden),
+  )
+
+
+def real_batches(config, setup: DistillSetup, start: int):
+  """This process' real batches for steps `start + 1, ...` (the adversarial term's data), exactly resumable.
+
+  Image data: `data.pipeline.make_train_iterator(config.data, ...)` (as the teacher job). `data.name
+  = 'gmm'`: `data.num_examples` samples of the analytic teacher (drawn once from `config.seed`), read
+  by the same index sequence (`pipeline.global_batch_indices`). The first batch's shape is checked
+  against the teacher's data shape.
+  """
+  from emd_jax.config.validation import ConfigError
+  from emd_jax.data import pipeline
+
+  pi, pc = jax.process_index(), jax.process_count()
+  if config.data.name == "gmm":
+    from emd_jax.teachers import gmm
+
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 17)
+    x = np.asarray(gmm.sample(setup.teacher.params, key, config.data.num_examples)[0], np.float32)
+    local = pipeline._local_slice(config.batch_size, pi, pc)
+    it = pipeline._in_memory_iterator({"image": x}, config.seed, start, config.batch_size, local)
+  else:
+    it = pipeline.make_train_iterator(config.data, config.seed, start, config.batch_size, pi, pc)
+  first = next(it)
+  want = tuple(setup.teacher.data_shape)
+  if tuple(first["image"].shape[1:]) != want:
+    raise ConfigError("data", f"real images have shape {tuple(first['image'].shape[1:])}, the teacher's data {want}")
+  k = setup.teacher.num_classes
+  if k and first["label"].shape[-1] != k:
+    raise ConfigError("data.num_classes", f"labels of width {first['label'].shape[-1]}, the teacher has {k} classes")
+
+  def chain():
+    yield first
+    yield from it
+
+  return chain()
+
+
+def with_disc(setup: DistillSetup, state: DistillState, key) -> DistillState:
+  """`state` with the adversarial term's discriminator head and its fake-optimizer state (term off: `state`)."""
+  adv = setup.step_cfg.adv
+  if not adv.on:
+    return state
+  t = setup.teacher
+  head = adversarial.init_head(key, setup.net_features, state.fake_params, t.data_shape, t.num_classes, adv.head_hidden)
+  return state.replace(disc_params=head, disc_opt_state=setup.tx_fake.init(head))
 
 
 def student_grid(config) -> tuple[float, ...]:
@@ -205,6 +278,8 @@ def config_fingerprint(config, setup: DistillSetup) -> dict:
   out = {"net": setup.net_spec, "data_shape": list(setup.teacher.data_shape), "teacher": setup.teacher.spec}
   if setup.step_cfg.ema_tracks:
     out["ema_tracks"] = list(track_names(setup))
+  if setup.step_cfg.adv.on:  # the state holds a discriminator head
+    out["adv_head_hidden"] = setup.step_cfg.adv.head_hidden
   return out
 
 
@@ -309,19 +384,27 @@ def export(
 
 def abstract_state(setup: DistillSetup, key) -> DistillState:
   """The state's shapes and dtypes, without computing anything."""
-  return jax.eval_shape(
-    lambda p: create_state(key, p, setup.tx_gen, setup.tx_fake, track_names(setup)), _abstract_params(setup)
+  return jax.eval_shape(lambda p: _create(setup, key, p), _abstract_params(setup))
+
+
+def _create(setup: DistillSetup, key, params) -> DistillState:
+  """The initial state (`create_state`, and the discriminator head when the adversarial term is on)."""
+  return with_disc(
+    setup, create_state(key, params, setup.tx_gen, setup.tx_fake, track_names(setup)), jax.random.fold_in(key, 1)
   )
 
 
 def sharded_step(setup: DistillSetup, mesh, abstract: DistillState):
   """The jitted step with explicit shardings and a donated state.
 
-  Returns `(step_fn, state_shardings, teacher_shardings)`.
+  Returns `(step_fn, state_shardings, teacher_shardings)`. With the adversarial term on, the step
+  also takes the real batch, split over the mesh's batch axes: `step_fn(state, teacher_params, batch)`.
   """
   state_sh = parallel.tree_shardings(abstract, mesh)
   teacher_sh = parallel.tree_shardings(setup.teacher.params, mesh)
-  return runner.jit_step(_make_step(setup, mesh), state_sh, (teacher_sh,), mesh=mesh), state_sh, teacher_sh
+  batch_sh = parallel.batch_sharding(mesh) if setup.step_cfg.adv.on else None
+  step = runner.jit_step(_make_step(setup, mesh), state_sh, (teacher_sh,), batch_sh, mesh=mesh)
+  return step, state_sh, teacher_sh
 
 
 def _make_step(setup: DistillSetup, mesh):
@@ -333,6 +416,7 @@ def _make_step(setup: DistillSetup, mesh):
     setup.tx_gen,
     setup.tx_fake,
     parallel.batch_sharding(mesh),
+    setup.disc_apply(),
   )
 
 
@@ -355,14 +439,16 @@ def make_job(config, setup: DistillSetup, workdir: str) -> runner.Job:
 
   return runner.Job(
     abstract_state=abstract_state(setup, k_state),
-    init=lambda params: create_state(k_state, params, setup.tx_gen, setup.tx_fake, track_names(setup)),
+    init=lambda params: _create(setup, k_state, params),
     init_inputs=lambda: (initial_student_params(config, setup, k_init),),  # the surrogate fit runs only here
     make_step=lambda mesh: _make_step(setup, mesh),
     fingerprint=config_fingerprint(config, setup),
     args=(setup.teacher.params,),
+    batches=(lambda start: real_batches(config, setup, start)) if setup.step_cfg.adv.on else None,
     make_evaluate=lambda mesh, args: evaluate_fn,
     export=export_fn if config.export_at_end else None,
-    console_keys=("loss/generator", "loss/fake_dsm", "grad_norm/generator"),
+    console_keys=("loss/generator", "loss/fake_dsm", "grad_norm/generator")
+    + (("loss/disc", "loss/adv_generator") if setup.step_cfg.adv.on else ()),
     nan_injection=True,  # debug.nan_at_steps: those updates see a NaN teacher
   )
 

@@ -36,3 +36,24 @@ def abstract_params(spec: dict, data_shape, num_classes: int = 0):
   labels = jnp.zeros((1, num_classes)) if num_classes else None
   init = lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, *data_shape)), jnp.ones((1,)), labels)["params"]
   return jax.eval_shape(init)
+
+
+def features_apply(module, params, x, sigma, labels=None):
+  """The encoder features of one forward pass of a denoiser `module` built here: `[B, ..., C]`.
+
+  The MLP's last hidden layer `[B, hidden]`; the EDM U-Nets' encoder output (the bottleneck)
+  `[B, h, w, C]`. Each module `sow`s them into the `intermediates` collection, which a plain
+  `apply` does not keep (so ordinary passes are unchanged); the decoder's work, unused here,
+  is dropped by XLA under jit.
+  """
+  import jax
+
+  _, state = module.apply({"params": params}, x, sigma, labels, mutable=["intermediates"])
+  found = [
+    leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+    if any(getattr(k, "key", None) == "features" for k in path)
+  ]
+  if len(found) != 1:
+    raise ValueError(f"features_apply: expected one 'features' entry from {type(module).__name__}, got {len(found)}")
+  return found[0]

@@ -275,6 +275,7 @@ class SongUNet(nn.Module):
       else:
         x = layer(x, emb, train) if kind == "block" else layer(x)
         skips.append(x)
+    self.sow("intermediates", "features", x)  # the encoder's output (bottleneck); a no-op unless requested
 
     aux = tmp = None
     for name, kind, kw in dec:
@@ -370,6 +371,7 @@ class DhariwalUNet(nn.Module):
           **blk,
         )(x, emb, train)
         skips.append(x)
+    self.sow("intermediates", "features", x)  # the encoder's output (bottleneck); a no-op unless requested
 
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       res = self.img_resolution >> level

@@ -8,6 +8,8 @@ from flax import linen as nn
 
 from emd_jax.diffusion import edm_precond, expand_to
 
+FEATURES = "intermediates"  # the collection `nets.features_apply` reads
+
 
 class FourierEmbedding(nn.Module):
   """Sinusoidal embedding of the scalar noise conditioning `c_noise`."""
@@ -54,6 +56,7 @@ class MLPDenoiser(nn.Module):
       u = nn.Dense(self.hidden, dtype=dtype, name=f"fc{i}a")(nn.silu(u))
       u = nn.Dense(self.hidden, dtype=dtype, name=f"fc{i}b")(nn.silu(u))
       h = h + u
+    self.sow(FEATURES, "features", h)  # last hidden layer (the discriminator's input; a no-op unless requested)
     f = nn.Dense(self.dim, dtype=dtype, name="out")(nn.silu(h)).astype(jnp.float32)
     return expand_to(c_skip, x) * x + expand_to(c_out, x) * f
 
