@@ -112,7 +112,10 @@ CASES = [
   (["--config.net.dtype=int8"], "net.dtype: must be"),
   (["--config.teacher.kind=checkpoint"], "teacher.checkpoint: no teacher checkpoint directory given"),
   (_ck("missing"), "teacher.checkpoint: teacher checkpoint not found"),
-  (_ck("noparams"), "teacher.checkpoint: {teachers}/noparams is not a teacher checkpoint: params.msgpack is missing"),
+  (
+    _ck("noparams"),
+    "teacher.checkpoint: incomplete teacher checkpoint: {teachers}/noparams: params.msgpack listed in _COMPLETE missing",
+  ),
   (_ck("badjson"), "teacher.checkpoint: {teachers}/badjson/teacher.json: not valid JSON"),
   (_ck("badarch"), "teacher.checkpoint: {teachers}/badarch/teacher.json: unknown network arch 'resnet'"),
   (_ck("mismatch"), "params.msgpack (net 'mlp' of teacher.json): does not match its spec"),
