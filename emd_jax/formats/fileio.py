@@ -65,6 +65,8 @@ MARKER_FILE = "_COMPLETE"  # written last into every published directory
 
 class IncompleteError(UserInputError, FileNotFoundError):
   """A published directory without its marker, or missing a file its marker lists (a `FileNotFoundError` too)."""
+
+
 MARKER_FORMAT = 1
 
 
