@@ -236,7 +236,7 @@ def _checkpoints_local(monkeypatch, ram_workdir: str, local: str) -> None:
   monkeypatch.setattr(ckpt_lib.Checkpointer, "for_run", classmethod(for_run))
 
 
-@pytest.mark.slow  # two tiny GMM runs and a resume, about 70 s on 2 shared cores; --runslow
+@pytest.mark.slow  # two tiny GMM runs and a resume: 30 s on 2 idle cores, 70 s when shared; --runslow
 def test_gmm_run_on_ram_preempt_resume_export_sample(ram, tmp_path, monkeypatch):
   """Train on ram://, SIGTERM at step 25, resume: bit-identical to an uninterrupted local run; export, sample."""
   cfg = dict(total_steps=40, checkpoint_every=20, eval_every=20, log_every=10)
@@ -266,7 +266,7 @@ def test_gmm_run_on_ram_preempt_resume_export_sample(ram, tmp_path, monkeypatch)
     assert data["samples"].shape == (50, 2) and np.isfinite(data["samples"]).all()
 
 
-@pytest.mark.slow  # a tiny SongUNet teacher, three loads and one restore, about 50 s; --runslow
+@pytest.mark.slow  # a tiny SongUNet teacher, three loads and one restore: 15-55 s; --runslow
 def test_ud2m_sampler_export_on_ram_loads_and_restores(ram, tmp_path):
   """A UD2M sampler export (teacher copied in, or referenced by its ram:// path) loads and restores from ram://."""
   from emd_jax.nets import lora as lora_lib
@@ -328,7 +328,7 @@ def test_ud2m_sampler_export_on_ram_loads_and_restores(ram, tmp_path):
     ud2m_lib.load_sampler(copied)
 
 
-@pytest.mark.slow  # a tiny image distillation (network teacher), about a minute; --runslow
+@pytest.mark.slow  # a tiny image distillation (network teacher), about 40 s; --runslow
 def test_digits_run_on_ram_writes_grid_and_export(ram, tmp_path, monkeypatch):
   from PIL import Image
 
