@@ -12,7 +12,7 @@ each (checkpoint step, track) pair: `raw` (the generator itself), `ema` (the def
                `per_seed` values; appended as each row is done, so a killed sweep reruns only the
                missing rows (rows already there are skipped)
   sweep.md     the table of this protocol's rows (the `*_detail/*` figures are in the jsonl only)
-  sweep.png    each figure against the step, one line per track (needs matplotlib)
+  sweep.png    each figure against the step, one line per track (drawn with pillow)
 
 Seeds: seed block `i` draws its inputs from `fold_in(PRNGKey(--seed), i)`, the same for every step
 and track, so rows differ only by the parameters. `--protocol edm` reports each figure's minimum
@@ -240,50 +240,17 @@ def markdown_table(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _pyplot():
-  try:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    raise UserError("the sweep's plot needs matplotlib: pip install matplotlib") from None
-  return plt
-
-
 def plot(rows: list[dict], path: str, title: str = "") -> None:
   """Each shown metric against the step (one panel each), one line per track, std bars for `sid` rows."""
-  plt = _pyplot()
-  keys = _shown(rows) or ["(no metrics)"]
-  cols = min(3, len(keys))
-  nrows = -(-len(keys) // cols)
-  fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
-  tracks = list(dict.fromkeys(r["track"] for r in rows))
-  for ax, k in zip(axes.flat, keys, strict=False):
-    for t in tracks:
-      pts = sorted(
-        (r["step"], r["metrics"][k], r["metrics"].get(f"{k}_std", 0.0))
-        for r in rows
-        if r["track"] == t and k in r["metrics"]
-      )
-      if pts:
-        s, v, e = (np.asarray(c) for c in zip(*pts, strict=True))
-        ax.errorbar(s, v, yerr=e if np.any(e) else None, marker="o", ms=3, label=t)
-    ax.set_title(k, fontsize=9)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-  for ax in list(axes.flat)[len(keys) :]:
-    ax.axis("off")
-  axes.flat[0].legend(fontsize=8)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=d)
-  os.close(fd)
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
-  os.replace(tmp, path)
+  from emd_jax.evaluators import charts, grids
+
+  series: dict[str, dict[str, list[tuple]]] = {}
+  for k in _shown(rows):
+    for r in rows:
+      if k in r["metrics"]:
+        pt = (r["step"], float(r["metrics"][k]), float(r["metrics"].get(f"{k}_std", 0.0)))
+        series.setdefault(k, {}).setdefault(r["track"], []).append(pt)
+  grids.save_png(path, charts.panels(series, title))
 
 
 def sweep(
@@ -305,7 +272,6 @@ def sweep(
     raise UserInputError(f"--seeds {seeds}: several seeds need --protocol edm (minimum) or sid (mean and std)")
   if out is not None and os.path.exists(out) and not os.path.isdir(out):
     raise UserInputError(f"--out {out}: exists and is not a directory")
-  _pyplot()  # a missing matplotlib is reported before any compute
   run = open_run(workdir)
   try:
     names = check_tracks(run, tracks)

@@ -10,6 +10,7 @@ from helpers import gmm_tiny
 
 from emd_jax import evaluate as sweep_lib
 from emd_jax import sample
+from emd_jax.evaluators import charts
 from emd_jax.jobs import distill as train
 
 TRACKS = ("raw", "ema", "slow")
@@ -80,10 +81,13 @@ def test_sweep_rows_resume_table_and_plot(run, tmp_path):
   png = os.path.join(out, "sweep.png")
   with open(png, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  import matplotlib.image
+  from PIL import Image
 
-  img = matplotlib.image.imread(png)
+  img = np.asarray(Image.open(png).convert("RGB"))
   assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+  # one colour per track, each drawn (the first three chart colours)
+  for colour in charts.COLOURS[:3]:
+    assert np.all(img == np.asarray(colour, np.uint8), axis=-1).sum() > 20, colour
 
 
 def test_seed_protocols(run, tmp_path):
