@@ -13,8 +13,13 @@ import pytest  # noqa: E402
 
 # One persistent compilation cache per test session: the same train step compiled by several
 # tests (identical shapes) is built once.
+# Under pytest-xdist the workers of one run share it (keyed by the run's id), so a step compiled in one
+# worker is read from disk by the other.
+_run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+_cache = os.path.join(tempfile.gettempdir(), f"emd-jax-cache-{_run_id}") if _run_id else None
 jax.config.update(
-  "jax_compilation_cache_dir", os.environ.get("EMD_TEST_JAX_CACHE", tempfile.mkdtemp(prefix="emd-jax-cache-"))
+  "jax_compilation_cache_dir",
+  os.environ.get("EMD_TEST_JAX_CACHE") or _cache or tempfile.mkdtemp(prefix="emd-jax-cache-"),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
