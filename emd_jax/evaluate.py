@@ -34,7 +34,7 @@ import tempfile
 import jax
 import numpy as np
 
-from emd_jax.errors import UserError, UserInputError
+from emd_jax.errors import UserInputError
 
 PROTOCOLS = ("none", "edm", "sid")
 DEFAULT_PROTOCOL_SEEDS = 3

@@ -114,7 +114,8 @@ CASES = [
   (_ck("missing"), "teacher.checkpoint: teacher checkpoint not found"),
   (
     _ck("noparams"),
-    "teacher.checkpoint: incomplete teacher checkpoint: {teachers}/noparams: params.msgpack listed in _COMPLETE missing",
+    "teacher.checkpoint: incomplete teacher checkpoint: {teachers}/noparams: "
+    "params.msgpack listed in _COMPLETE missing",
   ),
   (_ck("badjson"), "teacher.checkpoint: {teachers}/badjson/teacher.json: not valid JSON"),
   (_ck("badarch"), "teacher.checkpoint: {teachers}/badarch/teacher.json: unknown network arch 'resnet'"),
