@@ -18,6 +18,11 @@ gives the mean and standard deviation; the ratio is of the means.
   python benchmarks/digits.py                # every preset at the main job's budget (the config's total_steps)
   python benchmarks/digits.py --methods emd_sim,sid --steps 100 --batch_size 16
   python benchmarks/digits.py --methods emd_simloss_k1 --student_steps 1,2,4 --out benchmarks/results/digits_fewstep
+  python benchmarks/digits.py --methods emd_simloss_k1,sida,emd_simloss_k1:4,emd_sim_adv,emd_simloss_k1:2,dmd2 \
+      --out benchmarks/results/digits_adv_fewstep   # issues 16 and 17 in one run (one teacher row)
+
+`method:N` gives one row its own number of student steps. The adversarial rows (`sida`, `dmd2`,
+`emd_sim_adv`) read the real digits (`data.name = "digits"` in configs/digits.py).
 
 `--student_steps` trains each method as an N-step student for each N (`generator.num_steps`,
 its default grid) at the same number of generator steps; NFE = N. `ms / sample` is the wall time
@@ -190,7 +195,7 @@ def main() -> None:
   print(json.dumps(row), flush=True)
 
   args.steps = args.steps or get_config().total_steps  # the main job's budget by default
-  runs = [(m, int(n)) for m in filter(None, args.methods.split(",")) for n in args.student_steps.split(",")]
+  runs = parse_runs(args.methods, args.student_steps)
   for method, num_steps in runs:
     name = method if num_steps == 1 else f"{method}_{num_steps}step"
     config = get_config()
@@ -221,6 +226,15 @@ def main() -> None:
     print(json.dumps(r), flush=True)
     write(args, rows)  # after every row: a long run killed part-way keeps its rows
   print(write(args, rows))
+
+
+def parse_runs(methods: str, student_steps: str) -> list[tuple[str, int]]:
+  """`(method, N)` rows: each of `methods` at each N of `student_steps`, or at its own N when written `method:N`."""
+  runs = []
+  for m in filter(None, methods.split(",")):
+    name, _, n = m.partition(":")
+    runs += [(name, int(n))] if n else [(name, int(k)) for k in student_steps.split(",")]
+  return runs
 
 
 def write(args, rows: list[dict]) -> str:

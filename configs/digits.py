@@ -51,6 +51,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.teacher.kind = "checkpoint"
   c.teacher.checkpoint = "builtin:digits_cond" if "cond" in variants else "builtin:digits_uncond"
 
+  # Real digits, read only by the adversarial rows (`--config.method=sida`, `dmd2`, `emd_sim_adv`):
+  # the data-free default never opens them.
+  c.data.name = "digits"
+  c.data.resolution = 16  # the 8x8 digits padded like the teacher's training data
+
   c.generator.sigma_init = 2.5
   # Generator noise levels lognormal(-2, 2) instead of the fake denoiser's (-1.2, 1.2): more weight
   # on small sigma, where the one-step samples' grain shows. FD 21.2 -> 15.9 for emd_sim at 400 steps

@@ -351,3 +351,18 @@ def test_presets():
   c = gmm_tiny(method="dmd2", **{"data.name": "gmm", "fake.steps_per_gen_step": 2, "loss.adv_weight": 0.5})
   distill.validate_distill(c)
   assert c.fake.steps_per_gen_step == 2 and c.loss.adv_weight == 0.5  # set fields win
+
+
+def test_digits_config_runs_the_adversarial_rows_as_shipped():
+  """configs/digits.py configures the real digits (16x16, as the teacher's data), so `--config.method=sida`
+  etc. need no data flags; the data-free default never reads them (no batches without the term)."""
+  from configs.digits import get_config
+
+  for name in ("sida", "dmd2", "emd_sim_adv"):
+    c = get_config("tiny")
+    c.method = name
+    distill.validate_distill(c)
+    assert distill.adv_spec(c).on
+  c = get_config("tiny")
+  distill.validate_distill(c)
+  assert not distill.adv_spec(c).on

@@ -53,9 +53,10 @@ def _close(a, b, rtol=1e-5, atol=1e-6):
 
 
 def _halves(d: step_lib.Draws, n: int):
-  """The two halves of `d` by plain indexing (independent of `step.micro_batch`)."""
+  """The two strided halves of `d` (even and odd examples) by plain indexing (independent of
+  `step.micro_batch`); `n` is the half size."""
   out = []
-  for sl in (slice(0, n), slice(n, 2 * n)):
+  for sl in (slice(0, 2 * n, 2), slice(1, 2 * n, 2)):
     out.append(
       d._replace(
         **{

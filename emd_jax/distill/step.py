@@ -282,19 +282,27 @@ def with_base(cfg: StepConfig, nets: Nets, gen_params, d: Draws) -> Draws:
   return d._replace(base=jax.lax.stop_gradient(simulate(cfg, nets, gen_params, d)))
 
 
-def micro_batch(d: Draws, i, micro: int) -> Draws:
-  """Examples `[i * micro, (i + 1) * micro)` of `d` (axis 1 of the `STEP_MAJOR` fields, else axis 0)."""
-  return d._replace(
-    **{
-      k: jax.lax.dynamic_slice_in_dim(v, i * micro, micro, axis=1 if k in STEP_MAJOR else 0)
-      for k, v in d._asdict().items()
-      if v is not None
-    }
-  )
+def micro_batch(d: Draws, i, accum: int) -> Draws:
+  """Micro-batch `i` of `accum`: examples `i, i + accum, i + 2 accum, ...` of `d` (strided).
+
+  The batch axis (axis 1 of the `STEP_MAJOR` fields, else axis 0) is split as `[B / accum, accum]`
+  and index `i` taken on the second factor. A batch sharded in contiguous blocks over the mesh's
+  data axes then gives every device `B / (accum * devices)` examples of each micro-batch: the
+  micro-step spans the whole mesh and nothing is resharded (a contiguous slice `[i * micro, (i + 1)
+  * micro)` would sit on `1 / accum` of the devices, or be moved; tests/test_microbatch.py).
+  """
+
+  def take(v, axis):
+    n = v.shape[axis]
+    split = v.reshape(v.shape[:axis] + (n // accum, accum) + v.shape[axis + 1 :])
+    return jax.lax.dynamic_index_in_dim(split, i, axis=axis + 1, keepdims=False)
+
+  return d._replace(**{k: take(v, 1 if k in STEP_MAJOR else 0) for k, v in d._asdict().items() if v is not None})
 
 
 def accumulate(fn: Callable[[Draws], object], d: Draws, accum: int):
-  """The mean of `fn(part)` over `accum` equal micro-batches `part` of `d` (a `lax.scan`), or `fn(d)`.
+  """The mean of `fn(part)` over `accum` equal strided micro-batches `part` of `d` (`micro_batch`, a
+  `lax.scan`), or `fn(d)`.
 
   `fn` returns a pytree of arrays (losses, gradients, metrics) that are means over its batch, so
   the mean over micro-batches is the full-batch value. `B` must be a multiple of `accum`.
@@ -307,7 +315,7 @@ def accumulate(fn: Callable[[Draws], object], d: Draws, accum: int):
   micro = b // accum
 
   def body(total, i):
-    out = fn(micro_batch(d, i, micro))
+    out = fn(micro_batch(d, i, accum))
     return jax.tree.map(lambda t, o: t + o / accum, total, out), None
 
   zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, d._replace(**_micro_shapes(d, micro))))
