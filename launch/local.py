@@ -49,41 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   p.add_argument("--num_processes", type=int, default=2)
-  p.add_argument(
-    "--devices_per_process", type=int, default=None, help="fake CPU devices per process (XLA_FLAGS)"
-  )
+  p.add_argument("--devices_per_process", type=int, default=None, help="fake CPU devices per process (XLA_FLAGS)")
   p.add_argument("--config", default=None, help="e.g. configs/gmm.py")
   p.add_argument("--workdir", default=None, help="shared by all processes")
   p.add_argument("--port", type=int, default=0, help="coordinator port (0: pick a free one)")
   p.add_argument("--module", default=DEFAULT_MODULE, help="trainer module run with python -m")
-  p.add_argument(
-    "--command", default=None, help='replaces `python -m <module>`, e.g. "python child.py"'
-  )
+  p.add_argument("--command", default=None, help='replaces `python -m <module>`, e.g. "python child.py"')
   p.add_argument("--python", default=sys.executable)
   p.add_argument("--log_dir", default=None, help="also write process_<i>.log files here")
-  p.add_argument(
-    "--grace_seconds", type=float, default=5.0, help="after SIGTERM, wait this long before SIGKILL"
-  )
+  p.add_argument("--grace_seconds", type=float, default=5.0, help="after SIGTERM, wait this long before SIGKILL")
   p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
   return p
 
 
-def process_env(
-  devices_per_process: int | None, base: Mapping[str, str] | None = None
-) -> dict[str, str]:
+def process_env(devices_per_process: int | None, base: Mapping[str, str] | None = None) -> dict[str, str]:
   """The variables each child gets on top of `base`: CPU platform, fake device count."""
   env = {"JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
   if devices_per_process:
-    xla = [
-      f for f in (base or {}).get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)
-    ]
+    xla = [f for f in (base or {}).get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
     env["XLA_FLAGS"] = " ".join(xla + [f"{DEVICE_COUNT_FLAG}={devices_per_process}"])
   return env
 
 
-def process_commands(
-  args: argparse.Namespace, overrides: Sequence[str], port: int
-) -> list[Command]:
+def process_commands(args: argparse.Namespace, overrides: Sequence[str], port: int) -> list[Command]:
   """One argv per process: same coordinator and count, distinct process ids."""
   if args.num_processes < 1:
     raise LaunchError("--num_processes must be at least 1")
@@ -100,9 +88,7 @@ def process_commands(
   return [base + coord + ["--process_id", str(i)] for i in range(args.num_processes)]
 
 
-def _pump(
-  index: int, stream: TextIO, out: TextIO, lock: threading.Lock, log: TextIO | None
-) -> None:
+def _pump(index: int, stream: TextIO, out: TextIO, lock: threading.Lock, log: TextIO | None) -> None:
   """Copies a child's output line by line, prefixed with its process index."""
   for line in stream:
     with lock:

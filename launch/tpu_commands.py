@@ -212,9 +212,7 @@ def pack_cmd(src: SourceSpec) -> Command:
   """Packs the local checkout (no .git, run outputs or caches) for `scp`."""
   assert src.copy_from is not None
   excludes = [".git", "runs", "__pycache__", "*.egg-info", ".pytest_cache", ".venv"]
-  return (
-    ["tar", "-czf", src.tarball] + [f"--exclude={e}" for e in excludes] + ["-C", src.copy_from, "."]
-  )
+  return ["tar", "-czf", src.tarball] + [f"--exclude={e}" for e in excludes] + ["-C", src.copy_from, "."]
 
 
 def setup_script(src: SourceSpec) -> str:
@@ -258,19 +256,14 @@ def trainer_script(run: RunSpec) -> str:
   """The detached part: env, trainer, log to a per-worker file, exit code to a file."""
   exports = "".join(f"export {k}={shlex.quote(v)} && " for k, v in run.env.items())
   trainer = shlex.join(main_command(run.python, run.config, run.workdir, run.overrides, run.module))
-  return (
-    f"cd {run.remote_dir} && {exports}{trainer} >> {run.log_file} 2>&1; echo $? > {run.exit_file}"
-  )
+  return f"cd {run.remote_dir} && {exports}{trainer} >> {run.log_file} 2>&1; echo $? > {run.exit_file}"
 
 
 def stop_script(run: RunSpec) -> str:
   """Ends this run's previous session on a worker, if any (by tmux session name or pid file)."""
   if run.detach == "tmux":
     return f"tmux kill-session -t {run.run_name} 2>/dev/null || true"
-  return (
-    f"if [ -f {run.pid_file} ]; then kill -- -$(cat {run.pid_file}) 2>/dev/null || true; "
-    f"rm -f {run.pid_file}; fi"
-  )
+  return f"if [ -f {run.pid_file} ]; then kill -- -$(cat {run.pid_file}) 2>/dev/null || true; rm -f {run.pid_file}; fi"
 
 
 def run_script(run: RunSpec) -> str:
@@ -302,9 +295,7 @@ def exit_status_cmd(spec: TpuSpec, run: RunSpec) -> Command:
   return ssh_cmd(spec, f"cat {run.exit_file} 2>/dev/null || true", worker="0")
 
 
-def logs_cmd(
-  spec: TpuSpec, run: RunSpec, worker: str = "0", lines: int = 100, follow: bool = False
-) -> Command:
+def logs_cmd(spec: TpuSpec, run: RunSpec, worker: str = "0", lines: int = 100, follow: bool = False) -> Command:
   """Tails the per-worker log file(s)."""
   tail = f"tail -n {lines}" + (" -F" if follow else "")
   return ssh_cmd(spec, f"{tail} {run.log_file}", worker=worker)

@@ -167,25 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
   qwait = qsub.add_parser("wait", parents=[tpu], allow_abbrev=False)
   qwait.add_argument("--poll_seconds", type=float, default=60.0)
 
-  sub.add_parser(
-    "setup", parents=[tpu, src], help="install the code on all workers", allow_abbrev=False
-  )
+  sub.add_parser("setup", parents=[tpu, src], help="install the code on all workers", allow_abbrev=False)
   sub.add_parser(
     "run",
     parents=[tpu, prov, src, name, _run_flags()],
     help="start training on all workers",
     allow_abbrev=False,
   )
-  sub.add_parser(
-    "stop", parents=[tpu, name], help="stop the run on all workers", allow_abbrev=False
-  )
+  sub.add_parser("stop", parents=[tpu, name], help="stop the run on all workers", allow_abbrev=False)
   logs = sub.add_parser("logs", parents=[tpu, name], help="tail worker logs", allow_abbrev=False)
   logs.add_argument("--worker", default="0", help="worker index, or 'all'")
   logs.add_argument("--lines", type=int, default=100)
   logs.add_argument("--follow", action="store_true")
-  sub.add_parser(
-    "delete", parents=[tpu], help="delete the TPU (or queued resource)", allow_abbrev=False
-  )
+  sub.add_parser("delete", parents=[tpu], help="delete the TPU (or queued resource)", allow_abbrev=False)
   return parser
 
 
@@ -230,9 +224,7 @@ def bucket_of(path: str) -> str | None:
 def run_spec(args: argparse.Namespace, overrides: Sequence[str] = ()) -> tc.RunSpec:
   """RunSpec for `run` (trainer, workdir, env) or, without --config, for `stop` / `logs`."""
   if getattr(args, "config", None) is None:
-    return tc.RunSpec(
-      config="", workdir="", run_name=args.run_name, detach=args.detach, log_dir=args.log_dir
-    )
+    return tc.RunSpec(config="", workdir="", run_name=args.run_name, detach=args.detach, log_dir=args.log_dir)
   if args.workdir is None and args.bucket is None:
     raise LaunchError("run needs --workdir gs://... or --bucket gs://...")
   workdir = args.workdir or tc.join_bucket(args.bucket, "runs", args.run_name)
@@ -259,14 +251,11 @@ def run_spec(args: argparse.Namespace, overrides: Sequence[str] = ()) -> tc.RunS
 # ------------------------------------------------------------------------- state watching
 
 
-def wait_until_ready(
-  runner: Runner, spec: tc.TpuSpec, poll_seconds: float, sleep: Sleep = time.sleep
-) -> None:
+def wait_until_ready(runner: Runner, spec: tc.TpuSpec, poll_seconds: float, sleep: Sleep = time.sleep) -> None:
   """Polls the queued resource (or node) until it is ready; raises if it fails or vanishes."""
   if runner.dry_run:
     runner.note(
-      f"poll every {poll_seconds:g}s until the state is "
-      f"{'/'.join(tc.QUEUED_READY if spec.queued else tc.NODE_READY)}:"
+      f"poll every {poll_seconds:g}s until the state is {'/'.join(tc.QUEUED_READY if spec.queued else tc.NODE_READY)}:"
     )
     runner.output(tc.state_cmd(spec))
     return
@@ -314,9 +303,7 @@ def relaunch(
     except (subprocess.CalledProcessError, LaunchError) as e:
       if runner.dry_run:
         raise
-      why = (
-        e if isinstance(e, LaunchError) else f"`{shlex.join(e.cmd[:6])} ...` exit {e.returncode}"
-      )
+      why = e if isinstance(e, LaunchError) else f"`{shlex.join(e.cmd[:6])} ...` exit {e.returncode}"
       runner.note(f"relaunch attempt {attempt}/{max_attempts} failed: {why}")
       if attempt < max_attempts:
         sleep(retry_seconds)
@@ -358,9 +345,7 @@ def watch_and_relaunch(
           for cmd in tc.run_commands(spec, run):
             runner.run(cmd)
           continue
-        raise LaunchError(
-          f"trainer exited with status {code} on worker 0 (not a preemption); see `tpu_vm.py logs`"
-        )
+        raise LaunchError(f"trainer exited with status {code} on worker 0 (not a preemption); see `tpu_vm.py logs`")
     elif status == "gone":
       if restarts >= max_restarts:
         raise LaunchError(f"gave up after {max_restarts} relaunches")
@@ -402,9 +387,7 @@ def print_restart_plan(
 # ---------------------------------------------------------------------------- subcommands
 
 
-def execute(
-  args: argparse.Namespace, overrides: Sequence[str], runner: Runner, sleep: Sleep = time.sleep
-) -> int:
+def execute(args: argparse.Namespace, overrides: Sequence[str], runner: Runner, sleep: Sleep = time.sleep) -> int:
   """Runs (or prints) one parsed subcommand; returns the exit code."""
   spec = tpu_spec(args)
   if args.command == "create":
@@ -429,9 +412,7 @@ def execute(
     run = run_spec(args, overrides)
     src = source_spec(args)
     if args.restart_on_preemption and not (src.repo_url or src.copy_from):
-      raise LaunchError(
-        "--restart_on_preemption needs --repo_url or --copy_from to set up the recreated slice"
-      )
+      raise LaunchError("--restart_on_preemption needs --repo_url or --copy_from to set up the recreated slice")
     for cmd in tc.run_commands(spec, run):
       runner.run(cmd)
     if args.restart_on_preemption:
@@ -472,8 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   except subprocess.CalledProcessError as e:
     print(
-      f"tpu_vm.py {args.command}: command failed with exit code {e.returncode}: "
-      f"{' '.join(map(str, e.cmd))}",
+      f"tpu_vm.py {args.command}: command failed with exit code {e.returncode}: {' '.join(map(str, e.cmd))}",
       file=sys.stderr,
     )
     return e.returncode or 1
