@@ -64,11 +64,16 @@ def abstract_teacher(spec: dict, dtype: str) -> Teacher:
   )
 
 
-def compile_step(spec: dict, devices: int, per_device_batch: int, remat: str, dtype: str, k: int) -> dict:
+def step_for(config_file: str, spec: dict, devices: int, per_device_batch: int, remat: str, dtype: str, k=None):
+  """The sharded train step of `configs/<config_file>` with an abstract `spec` teacher on `devices` devices.
+
+  Returns `(step, setup, abstract_state, state_shardings, teacher, teacher_shardings, config)`; `k`
+  (None: the config's) is the E-step's chain length. Shared with benchmarks/accelerator.py.
+  """
   import importlib.util
 
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "imagenet64_emd.py")
-  mod_spec = importlib.util.spec_from_file_location("in64", path)
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", config_file)
+  mod_spec = importlib.util.spec_from_file_location(config_file.removesuffix(".py"), path)
   mod = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(mod)
   c = mod.get_config()
@@ -76,7 +81,8 @@ def compile_step(spec: dict, devices: int, per_device_batch: int, remat: str, dt
   c.batch_size = per_device_batch * devices
   c.remat = remat
   c.compute_dtype = dtype
-  c.estep.num_steps = k
+  if k is not None:
+    c.estep.num_steps = k
   fsdp = min(devices, 8)
   c.mesh.fsdp = fsdp
   c.mesh.data = devices // fsdp
@@ -88,6 +94,14 @@ def compile_step(spec: dict, devices: int, per_device_batch: int, remat: str, dt
   mesh = parallel.make_mesh(c.mesh, devices=jax.devices()[:devices])
   abstract = train.abstract_state(setup, jax.random.PRNGKey(0))
   step, state_sh, teacher_sh = train.sharded_step(setup, mesh, abstract)
+  return step, setup, abstract, state_sh, teacher, teacher_sh, c
+
+
+def compile_step(spec: dict, devices: int, per_device_batch: int, remat: str, dtype: str, k: int) -> dict:
+  step, setup, abstract, state_sh, teacher, teacher_sh, c = step_for(
+    "imagenet64_emd.py", spec, devices, per_device_batch, remat, dtype, k
+  )
+  mesh_shape = {"data": c.mesh.data, "fsdp": c.mesh.fsdp}
   t0 = time.perf_counter()
   lowered = step.lower(ckpt_lib.abstract_like(abstract, state_sh), ckpt_lib.abstract_like(teacher.params, teacher_sh))
   compiled = lowered.compile()
@@ -99,7 +113,7 @@ def compile_step(spec: dict, devices: int, per_device_batch: int, remat: str, dt
   gib = 2.0**30
   return {
     "devices": devices,
-    "mesh": dict(mesh.shape),
+    "mesh": mesh_shape,
     "global_batch": c.batch_size,
     "remat": remat,
     "dtype": dtype,
