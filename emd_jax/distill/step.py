@@ -312,28 +312,14 @@ def accumulate(fn: Callable[[Draws], object], d: Draws, accum: int):
   b = d.z.shape[0]
   if b % accum:
     raise ValueError(f"accumulate: batch {b} is not a multiple of accum={accum}")
-  micro = b // accum
 
   def body(total, i):
     out = fn(micro_batch(d, i, accum))
     return jax.tree.map(lambda t, o: t + o / accum, total, out), None
 
-  zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, d._replace(**_micro_shapes(d, micro))))
+  zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda dd: fn(micro_batch(dd, 0, accum)), d))
   total, _ = jax.lax.scan(body, zero, jnp.arange(accum))
   return total
-
-
-def _micro_shapes(d: Draws, micro: int) -> dict:
-  """ShapeDtypeStructs of one micro-batch of `d` (for the accumulator's zeros)."""
-  out = {}
-  for k, v in d._asdict().items():
-    if v is None:
-      continue
-    axis = 1 if k in STEP_MAJOR else 0
-    shape = list(v.shape)
-    shape[axis] = micro
-    out[k] = jax.ShapeDtypeStruct(tuple(shape), v.dtype)
-  return out
 
 
 def fake_unrolled(cfg: StepConfig) -> bool:
