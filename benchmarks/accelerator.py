@@ -100,9 +100,7 @@ def run_case(name: str, dtype: str, args) -> dict:
   spec = small if args.small else full
   per_device = args.per_device_batch or (2 if args.small else per_device)
   n = jax.local_device_count()
-  step, setup, abstract, state_sh, teacher_abs, teacher_sh, c = memory.step_for(
-    config_file, spec, n, per_device, args.remat, dtype
-  )
+  step, setup, _, state_sh, _, teacher_sh, c = memory.step_for(config_file, spec, n, per_device, args.remat, dtype)
   state, teacher = random_state(setup, spec, dtype, state_sh, teacher_sh, jax.random.PRNGKey(args.seed))
   t0 = time.perf_counter()
   compiled = step.lower(state, teacher).compile()
