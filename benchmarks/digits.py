@@ -80,7 +80,7 @@ COLUMNS = (
   ("FD / T", "fd_ratio", "{:.2f}"),
   ("pixel FD", "fd_pixel", "{:.3f}"),
   ("pixel FD / T", "fd_pixel_ratio", "{:.2f}"),
-  ("KID x1e3", "kid_1e3", "{:.2f}"),
+  ("KID", "kid", "{:.1f}"),
   ("KID / T", "kid_ratio", "{:.2f}"),
   ("pixel KID x1e3", "kid_pixel_1e3", "{:.2f}"),
   ("pixel KID / T", "kid_pixel_ratio", "{:.2f}"),
@@ -133,7 +133,7 @@ def compare(row: dict, teacher: dict) -> dict:
 
 def with_display(row: dict) -> dict:
   row = dict(row)
-  row["kid_1e3"], row["kid_pixel_1e3"] = 1e3 * row["kid"], 1e3 * row["kid_pixel"]
+  row["kid_pixel_1e3"] = 1e3 * row["kid_pixel"]
   return row
 
 
@@ -172,32 +172,42 @@ def main() -> None:
   ap.add_argument("--latent_sets", type=int, default=3, help="independent sample sets per model (FD mean/std)")
   ap.add_argument("--student_steps", default="1", help="comma-separated N: each method as an N-step student")
   ap.add_argument("--overrides", default="{}", help="JSON {dotted config key: value} for every student row")
+  ap.add_argument(
+    "--resume", action="store_true", help="keep the rows of an existing --out.json (same settings); run the rest"
+  )
   args = ap.parse_args()
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   rng = jax.random.key(args.seed)
 
+  args.steps = args.steps or get_config().total_steps  # the main job's budget by default
+  done = previous_rows(args) if args.resume else {}
   teacher = teachers.load(args.teacher)
   t0 = time.perf_counter()
   teacher_fn = lambda r: sample_teacher(teacher, r, args.num_samples, num_steps=18, batch_size=500)[0]
   set_keys = [jax.random.fold_in(rng, i) for i in range(args.latent_sets)]
-  scores, x_t = score_sets(teacher_fn, set_keys)
-  row = with_display(
-    {
-      "model": "teacher (Heun 18 steps)",
-      "nfe": 35,
-      **scores,
-      "sample_seconds": time.perf_counter() - t0,
-      "sample_ms": sample_ms(teacher_fn, rng, args.num_samples),
-    }
-  )
-  grids.save_png(f"{args.out}_teacher.png", grids.image_grid(x_t[:100]), scale=3)
+  row = done.get(TEACHER_LABEL)
+  if row is None:
+    scores, x_t = score_sets(teacher_fn, set_keys)
+    row = with_display(
+      {
+        "model": TEACHER_LABEL,
+        "nfe": 35,
+        **scores,
+        "sample_seconds": time.perf_counter() - t0,
+        "sample_ms": sample_ms(teacher_fn, rng, args.num_samples),
+      }
+    )
+    grids.save_png(f"{args.out}_teacher.png", grids.image_grid(x_t[:100]), scale=3)
   rows = [row]
   print(json.dumps(row), flush=True)
 
-  args.steps = args.steps or get_config().total_steps  # the main job's budget by default
   runs = parse_runs(args.methods, args.student_steps)
   for method, num_steps in runs:
     name = method if num_steps == 1 else f"{method}_{num_steps}step"
+    label = "one step" if num_steps == 1 else f"{num_steps} steps"
+    if f"{method} ({label})" in done:  # --resume: scored by the earlier run
+      rows.append(done[f"{method} ({label})"])
+      continue
     config = get_config()
     config.method = method
     from benchmarks.digits_sweep import apply_overrides  # here: digits_sweep imports this module
@@ -218,7 +228,6 @@ def main() -> None:
     sampler = load_sampler(os.path.join(workdir, "export"))
     sample_fn = lambda r, s=sampler: s.sample(r, args.num_samples, batch_size=500)  # noqa: E731
     scores, x = score_sets(sample_fn, set_keys)
-    label = "one step" if num_steps == 1 else f"{num_steps} steps"
     r = {"model": f"{method} ({label})", "nfe": sampler.nfe(), "steps": args.steps, "train_seconds": seconds}
     r = compare({**r, **scores, "sample_ms": sample_ms(sample_fn, rng, args.num_samples)}, row)
     grids.save_png(f"{args.out}_{name}.png", grids.image_grid(x[:100]), scale=3)
@@ -237,9 +246,28 @@ def parse_runs(methods: str, student_steps: str) -> list[tuple[str, int]]:
   return runs
 
 
-def write(args, rows: list[dict]) -> str:
-  """Writes `--out`.json and `--out`.md; returns the markdown."""
-  settings = {
+TEACHER_LABEL = "teacher (Heun 18 steps)"
+
+
+def previous_rows(args) -> dict[str, dict]:
+  """The rows of an earlier `--out`.json by model label, when its settings (other than the rows asked
+  for) are this run's; {} when there is no such file. Settings that differ are an error, not a silent
+  mix of two protocols in one table."""
+  if not os.path.exists(f"{args.out}.json"):
+    return {}
+  with open(f"{args.out}.json") as f:
+    old = json.load(f)
+  ignore = ("student_steps",)
+  mine = {k: v for k, v in settings_of(args).items() if k not in ignore}
+  theirs = {k: v for k, v in old["settings"].items() if k not in ignore}
+  if mine != theirs:
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    raise SystemExit(f"--resume: {args.out}.json has other settings ({', '.join(diff)}); use another --out")
+  return {r["model"]: with_display(r) for r in old["rows"]}
+
+
+def settings_of(args) -> dict:
+  return {
     "steps": args.steps,
     "batch_size": args.batch_size or get_config().batch_size,
     "num_samples": args.num_samples,
@@ -249,6 +277,11 @@ def write(args, rows: list[dict]) -> str:
     "teacher": args.teacher,
     "cpu_count": os.cpu_count(),
   }
+
+
+def write(args, rows: list[dict]) -> str:
+  """Writes `--out`.json and `--out`.md; returns the markdown."""
+  settings = settings_of(args)
   with open(f"{args.out}.json", "w") as f:
     json.dump({"settings": settings, "rows": rows}, f, indent=2)
   with open(f"{args.out}.md", "w") as f:

@@ -23,15 +23,19 @@ if "jax" not in sys.modules:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from emd_jax import nets
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import hlo_peak  # noqa: E402
+from emd_jax import nets  # noqa: E402
 from emd_jax.jobs import distill as train  # noqa: E402
 from emd_jax.runtime import checkpoint as ckpt_lib  # noqa: E402
-from emd_jax.runtime import parallel
+from emd_jax.runtime import parallel  # noqa: E402
 from emd_jax.teachers.base import Teacher  # noqa: E402
 
 ADM64 = dict(arch="dhariwal_unet", precond="edm", img_resolution=64, in_channels=3, out_channels=3, label_dim=1000)
@@ -64,11 +68,14 @@ def abstract_teacher(spec: dict, dtype: str) -> Teacher:
   )
 
 
-def step_for(config_file: str, spec: dict, devices: int, per_device_batch: int, remat: str, dtype: str, k=None):
+def step_for(
+  config_file: str, spec: dict, devices: int, per_device_batch: int, remat: str, dtype: str, k=None, overrides=None
+):
   """The sharded train step of `configs/<config_file>` with an abstract `spec` teacher on `devices` devices.
 
   Returns `(step, setup, abstract_state, state_shardings, teacher, teacher_shardings, config)`; `k`
-  (None: the config's) is the E-step's chain length. Shared with benchmarks/accelerator.py.
+  (None: the config's) is the E-step's chain length; `overrides` {top-level config key: value}.
+  Shared with benchmarks/accelerator.py.
   """
   import importlib.util
 
@@ -83,6 +90,8 @@ def step_for(config_file: str, spec: dict, devices: int, per_device_batch: int, 
   c.compute_dtype = dtype
   if k is not None:
     c.estep.num_steps = k
+  for key, value in (overrides or {}).items():
+    c[key] = value
   fsdp = min(devices, 8)
   c.mesh.fsdp = fsdp
   c.mesh.data = devices // fsdp
@@ -97,15 +106,34 @@ def step_for(config_file: str, spec: dict, devices: int, per_device_batch: int, 
   return step, setup, abstract, state_sh, teacher, teacher_sh, c
 
 
-def compile_step(spec: dict, devices: int, per_device_batch: int, remat: str, dtype: str, k: int) -> dict:
+def compile_step(
+  spec: dict,
+  devices: int,
+  per_device_batch: int,
+  remat: str,
+  dtype: str,
+  k: int,
+  where: bool = False,
+  overrides: dict | None = None,
+) -> dict:
+  """One row: XLA's memory and cost analysis of the compiled step. With `where`, also what is alive at
+  the memory peak (`hlo_peak.report` on XLA's dumps of this compilation, made in a temporary directory)."""
   step, setup, abstract, state_sh, teacher, teacher_sh, c = step_for(
-    "imagenet64_emd.py", spec, devices, per_device_batch, remat, dtype, k
+    "imagenet64_emd.py", spec, devices, per_device_batch, remat, dtype, k, overrides
   )
   mesh_shape = {"data": c.mesh.data, "fsdp": c.mesh.fsdp}
   t0 = time.perf_counter()
   lowered = step.lower(ckpt_lib.abstract_like(abstract, state_sh), ckpt_lib.abstract_like(teacher.params, teacher_sh))
-  compiled = lowered.compile()
+  dump = tempfile.mkdtemp(prefix="emd_jax_hlo_") if where else None
+  options = {"xla_dump_to": dump, "xla_dump_hlo_as_text": True, "xla_dump_hlo_module_re": "jit_step"} if where else None
+  compiled = lowered.compile(compiler_options=options)
   seconds = time.perf_counter() - t0
+  peak = None
+  if where:
+    mem = compiled.memory_analysis()
+    allocated = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    peak = peak_of(dump, teacher, teacher_sh, per_device_batch, allocated)
+    shutil.rmtree(dump, ignore_errors=True)
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
@@ -118,6 +146,7 @@ def compile_step(spec: dict, devices: int, per_device_batch: int, remat: str, dt
     "remat": remat,
     "dtype": dtype,
     "K": k,
+    "overrides": overrides or {},
     "params_per_net": int(n_params),
     "argument_gib": mem.argument_size_in_bytes / gib,
     "output_gib": mem.output_size_in_bytes / gib,
@@ -129,7 +158,21 @@ def compile_step(spec: dict, devices: int, per_device_batch: int, remat: str, dt
     / gib,
     "flops_per_device": float(cost.get("flops", float("nan"))) if cost else float("nan"),
     "compile_s": seconds,
+    **({"peak": peak} if peak else {}),
   }
+
+
+def peak_of(dump_dir: str, teacher: Teacher, teacher_sh, batch: int, allocated: int) -> dict:
+  """`hlo_peak.report` of the dumped step, with the network's full and per-device parameter shapes
+  (generator, fake and teacher share the architecture, so the teacher's stand for all three)."""
+  hlo, live = hlo_peak.dump_files(dump_dir)
+  leaves, shardings = jax.tree.leaves(teacher.params), jax.tree.leaves(teacher_sh)
+  full = [tuple(x.shape) for x in leaves]
+  shard = [tuple(sh.shard_shape(x.shape)) for x, sh in zip(leaves, shardings, strict=True)]
+  with open(hlo) as f, open(live) as g:
+    rep = hlo_peak.report(f.read(), g.read(), full, shard, batch, allocated)
+  rep["buffers"] = rep["buffers"][:60]  # the largest; the totals cover all
+  return rep
 
 
 def main():
@@ -141,6 +184,14 @@ def main():
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--k", type=int, default=8)
   ap.add_argument("--out", default="benchmarks/results/memory.json")
+  ap.add_argument(
+    "--where",
+    action="store_true",
+    help="also write what is alive at the peak (XLA's dumps) to --out's _peak.md",
+  )
+  ap.add_argument(
+    "--overrides", default="{}", help='JSON {top-level config key: value}, e.g. {"keep_generator_pass": false}'
+  )
   args = ap.parse_args()
   spec = ADM64 if args.arch == "adm64" else SMALL
   rows = []
@@ -149,7 +200,16 @@ def main():
       print(f"skip {n} devices: only {jax.device_count()} available")
       continue
     for remat in args.remat.split(","):
-      r = compile_step(spec, n, args.per_device_batch, remat, args.dtype, args.k)
+      r = compile_step(
+        spec,
+        n,
+        args.per_device_batch,
+        remat,
+        args.dtype,
+        args.k,
+        where=args.where,
+        overrides=json.loads(args.overrides),
+      )
       rows.append(r)
       print(json.dumps(r), flush=True)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -173,6 +233,15 @@ def main():
       f"{args.dtype} compute, K = {args.k}, backend {jax.default_backend()}\n\n{table}\n"
     )
   print(table)
+  if args.where:
+    sections = [
+      f"## {r['devices']} devices (data {r['mesh']['data']} x fsdp {r['mesh']['fsdp']}), remat {r['remat']}\n\n"
+      + hlo_peak.markdown(r["peak"])
+      for r in rows
+    ]
+    with open(args.out.replace(".json", "_peak.md"), "w") as f:
+      f.write(f"What is alive at the memory peak, {args.arch}, {args.dtype}, K = {args.k}, ")
+      f.write(f"{args.per_device_batch} examples per device (benchmarks/hlo_peak.py)\n\n" + "\n".join(sections))
 
 
 if __name__ == "__main__":

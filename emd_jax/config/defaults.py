@@ -146,6 +146,10 @@ def distill_config() -> ml_collections.ConfigDict:
   c.compute_dtype = "float32"
   c.remat = "none"
   c.grad_accum_steps = 1
+  # Keep the generator pass's activations from the fake updates to the M-step (one generator
+  # forward fewer per step); False recomputes it in the M-step and frees them meanwhile
+  # (the per-device peak of large networks; docs/scaling.md "Where the memory goes").
+  c.keep_generator_pass = True
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by other axes

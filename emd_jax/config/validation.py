@@ -185,6 +185,8 @@ def validate_distill(config) -> None:
   )
   remat = config.get("remat", "none")
   _require(remat in REMAT_POLICIES, "remat", f"must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+  keep = config.get("keep_generator_pass", True)
+  _require(isinstance(keep, bool), "keep_generator_pass", f"must be True or False, got {keep!r}")
   _check_optimizer(config.generator, "generator")
   _check_optimizer(config.fake, "fake")
   _check_noise(config.fake.noise, "fake.noise")

@@ -90,6 +90,9 @@ class StepConfig:
   ema_debias: bool = False  # weights d^(n-k) over accepted updates k = 1..n only (no initial weights)
   ema_tracks: tuple[EmaTrack, ...] = ()  # named extra EMAs (`generator.ema_tracks`), in `state.gen_ema_tracks`
   grad_accum_steps: int = 1
+  # Keep the generator pass's VJP (its activations) from the fake updates to the M-step; False
+  # recomputes it there (one generator forward more per step, less memory at the fake updates).
+  keep_gen_pass: bool = True
   remat: str = "none"  # activation rematerialisation of every network pass (a key of REMAT_POLICIES)
   # Few-step student (`generator.num_steps`, docs/algorithms.md): its grid `sigma_0 = sigma_init >
   # ... > sigma_{N-1} > 0`, the final 0 included; () is the one-step generator. `gen_backprop`:
@@ -460,12 +463,13 @@ def generator_grads(
   is added to the loss, the discriminator (`fake_params`, `disc_params`) stopped.
   """
   teacher_fn, fake_fn = _denoisers(nets, fake_params, teacher_params, d.labels)
-  if x0 is None:
+  if gen_vjp is None:
     x0, gen_vjp = jax.vjp(lambda p: generate(cfg, nets, p, d.z, d, cfg.gen_backprop), gen_params)
   alpha, sigma = cfg.schedule.alpha_sigma(d.sigma)
   eps, est, metrics = d.eps, None, {}
   if cfg.estep_steps > 0:
-    est = run_estep(cfg, nets, gen_params, fake_params, teacher_params, d, x0)
+    with jax.named_scope("estep"):
+      est = run_estep(cfg, nets, gen_params, fake_params, teacher_params, d, x0)
     metrics.update(est.stats)
     if est.x0 is None:  # the latent moved: the M-step differentiates g at z_K
       z_k = jax.lax.stop_gradient(est.z)
@@ -496,8 +500,10 @@ def generator_grads(
       adv = adversarial.gen_term(cfg.adv, disc_fn, x, d.adv_gen_sigma, d.adv_gen_noise, d.labels)
       return loss + adv, {**m, "loss/adv_generator": adv}
 
-  (loss, loss_metrics), dx0 = jax.value_and_grad(loss_of_x0, has_aux=True)(x0)
-  (grads,) = gen_vjp(dx0)
+  with jax.named_scope("mstep_loss"):
+    (loss, loss_metrics), dx0 = jax.value_and_grad(loss_of_x0, has_aux=True)(x0)
+  with jax.named_scope("generator_pullback"):
+    (grads,) = gen_vjp(dx0)
   metrics.update(loss_metrics)
   return loss, grads, metrics
 
@@ -520,38 +526,57 @@ def train_step(
 
   `real`: the step's real batch {'image': [B, ...], 'label': [B, K]}, read only by the adversarial term.
   """
-  d = draw_randomness(cfg, step_key(state), batch_sharding)
-  if cfg.adv.on:
-    d = adversarial.add_draws(cfg, step_key(state), d, real)
+  # Each part runs under a `jax.named_scope` of its name: profiles and XLA's buffer reports
+  # (benchmarks/memory.py --where) attribute their ops and buffers to it.
+  with jax.named_scope("draw_randomness"):
+    d = draw_randomness(cfg, step_key(state), batch_sharding)
+    if cfg.adv.on:
+      d = adversarial.add_draws(cfg, step_key(state), d, real)
   # 0. A few-step student's inputs: its own earlier steps (backward simulation, no gradient).
-  d = with_base(cfg, nets, state.gen_params, d)
+  with jax.named_scope("backward_simulation"):
+    d = with_base(cfg, nets, state.gen_params, d)
 
-  # 1. One generator pass, kept as a VJP for the M-step (and reused by the first fake update).
+  # 1. One generator pass, kept as a VJP for the M-step (and reused by the first fake update). With
+  # `keep_gen_pass=False` it is a forward pass only, and the M-step recomputes it with its VJP after
+  # the fake updates: one generator forward more, none of its activations alive during them.
   x0 = gen_vjp = None
+  gen_params = state.gen_params
   if cfg.grad_accum_steps == 1:
-    x0, gen_vjp = jax.vjp(lambda p: generate(cfg, nets, p, d.z, d, cfg.gen_backprop), state.gen_params)
+    with jax.named_scope("generator_pass"):
+      if cfg.keep_gen_pass:
+        x0, gen_vjp = jax.vjp(lambda p: generate(cfg, nets, p, d.z, d, cfg.gen_backprop), gen_params)
+      else:
+        x0 = jax.lax.stop_gradient(generate(cfg, nets, gen_params, d.z, d))
 
   # 2. Fake-denoiser updates on generator samples.
   disc = (state.disc_params, state.disc_opt_state) if cfg.adv.on else None
-  fake_params, fake_opt_state, fake, *new_disc = fake_update(
-    cfg, nets, txs.fake, state.gen_params, state.fake_params, state.fake_opt_state, d, x0, disc
-  )
+  with jax.named_scope("fake_update"):
+    fake_params, fake_opt_state, fake, *new_disc = fake_update(
+      cfg, nets, txs.fake, state.gen_params, state.fake_params, state.fake_opt_state, d, x0, disc
+    )
 
   # 3-4. E-step and M-step with the new fake denoiser, accumulated over micro-batches.
-  g_loss, g_grads, metrics = accumulate(
-    lambda part: generator_grads(
-      cfg, nets, state.gen_params, fake_params, teacher_params, part, x0, gen_vjp, new_disc[0][0] if disc else None
-    ),
-    d,
-    cfg.grad_accum_steps,
-  )
-  updates, gen_opt_state = txs.gen.update(g_grads, state.gen_opt_state, state.gen_params)
-  gen_params = optax.apply_updates(state.gen_params, updates)
-  gen_ema = ema_update(state.gen_ema, gen_params, ema_decay(cfg, state))
-  n_accepted = state.step - state.nonfinite_count + 1
-  gen_ema_tracks = {
-    t.name: ema_update(state.gen_ema_tracks[t.name], gen_params, track_decay(t, n_accepted)) for t in cfg.ema_tracks
-  }
+  if not cfg.keep_gen_pass:
+    # The recomputed generator pass depends on the new fake parameters: XLA can neither merge it
+    # with step 1's pass (CSE) nor schedule it before the fake updates.
+    gen_params, fake_params = jax.lax.optimization_barrier((gen_params, fake_params))
+  with jax.named_scope("generator_grads"):
+    g_loss, g_grads, metrics = accumulate(
+      lambda part: generator_grads(
+        cfg, nets, gen_params, fake_params, teacher_params, part, x0, gen_vjp, new_disc[0][0] if disc else None
+      ),
+      d,
+      cfg.grad_accum_steps,
+    )
+  with jax.named_scope("generator_update"):
+    updates, gen_opt_state = txs.gen.update(g_grads, state.gen_opt_state, state.gen_params)
+    gen_params = optax.apply_updates(state.gen_params, updates)
+  with jax.named_scope("ema_update"):
+    gen_ema = ema_update(state.gen_ema, gen_params, ema_decay(cfg, state))
+    n_accepted = state.step - state.nonfinite_count + 1
+    gen_ema_tracks = {
+      t.name: ema_update(state.gen_ema_tracks[t.name], gen_params, track_decay(t, n_accepted)) for t in cfg.ema_tracks
+    }
 
   # 5. Non-finite guard: keep the old state unless everything is finite.
   ok = jnp.isfinite(g_loss) & all_finite(g_grads) & jnp.all(fake.ok)
@@ -566,7 +591,8 @@ def train_step(
   if disc is not None:
     new = new.replace(disc_params=new_disc[0][0], disc_opt_state=new_disc[0][1])
     metrics["loss/disc"] = jnp.mean(fake.disc_loss)
-  kept, guard_metrics = guarded_update(ok, new, state)
+  with jax.named_scope("nonfinite_guard"):
+    kept, guard_metrics = guarded_update(ok, new, state)
   metrics.update(
     {
       "loss/generator": g_loss,

@@ -146,6 +146,7 @@ def build_setup(config, teacher: Teacher | None = None) -> DistillSetup:
     ema_debias=config.generator.get("ema_debias", False),
     ema_tracks=parse_ema_tracks(config.generator.get("ema_tracks", "")),
     grad_accum_steps=config.get("grad_accum_steps", 1),
+    keep_gen_pass=bool(config.get("keep_generator_pass", True)),
     remat=config.get("remat", "none"),
     gen_sigmas=gen_sigmas if len(gen_sigmas) > 2 else (),
     gen_backprop=bool(config.generator.get("backprop_steps", False)),
