@@ -52,7 +52,6 @@ PEAK_TFLOPS = {
   "TPU v6e": 918.0,
 }
 
-CIFAR10 = dict(arch="song_unet", precond="edm", img_resolution=32, in_channels=3, out_channels=3, label_dim=0)
 SMALL_SONG = dict(
   arch="song_unet",
   precond="edm",
@@ -67,7 +66,7 @@ SMALL_SONG = dict(
 )
 # name -> (config file, full-size spec, smoke spec, per-device batch)
 CASES = {
-  "cifar10_sim": ("cifar10_sim.py", CIFAR10, SMALL_SONG, 32),
+  "cifar10_sim": ("cifar10_sim.py", memory.CIFAR10, SMALL_SONG, 32),
   "imagenet64_emd": ("imagenet64_emd.py", memory.ADM64, memory.SMALL, 4),
 }
 

@@ -179,10 +179,12 @@ def report(
 def markdown(rep: dict, top: int = 25) -> str:
   gib = 2.0**30
   total = rep["total_bytes"]
-  out = [
-    f"Live at the peak (position {rep['peak_position']}): {total / gib:.2f} GiB in {len(rep['buffers'])} buffers.",
-    "",
-  ]
+  out = [f"Live at the peak (position {rep['peak_position']}): {total / gib:.2f} GiB in {rep['num_buffers']} buffers."]
+  if rep.get("allocated_bytes"):
+    out[0] += (
+      f" XLA's memory analysis (arguments + outputs - aliases + temporaries): {rep['allocated_bytes'] / gib:.2f} GiB."
+    )
+  out.append("")
   out += ["| kind | GiB | share |", "|---|---|---|"]
   out += [f"| {k} | {v / gib:.2f} | {v / total:.0%} |" for k, v in rep["by_kind"].items()]
   out += ["", "| step part (named scope) | GiB | share |", "|---|---|---|"]

@@ -1,13 +1,17 @@
-"""Compiled memory and FLOPs of the ImageNet-64 EMD train step, per device.
+"""Compiled memory and FLOPs of the distillation train step at paper sizes, per device.
 
-Lowers and compiles (`jit(...).lower(...).compile()`, nothing is executed) the train step of
-`configs/imagenet64_emd.py` with EDM's ImageNet-64 ADM architecture (295.9M parameters) for
-meshes of 1, 8 and 64 devices (fake CPU devices here: XLA's CPU memory figures stand in for
-an accelerator's), with and without rematerialisation, and reports XLA's memory analysis
-(arguments, outputs, temporaries per device) and cost analysis (FLOPs per step).
+Lowers and compiles (`jit(...).lower(...).compile()`, nothing is executed) the train step of a
+paper config with random-weight networks of its size (`CASES`: CIFAR-10 SIM with EDM's DDPM++,
+ImageNet-64 EMD with EDM's ADM at 295.9M parameters, an ImageNet-128 ADM stand-in, a ~1B latent
+U-Net stand-in) for meshes of 1, 8 and 64 devices (fake CPU devices here: XLA's CPU memory figures
+stand in for an accelerator's), and reports XLA's memory analysis (arguments, outputs,
+temporaries per device), its cost analysis (FLOPs per step) and the chips whose HBM holds the peak.
+`--where` adds what is alive at the peak (benchmarks/hlo_peak.py).
 
   python benchmarks/memory.py --out benchmarks/results/memory.json
-  python benchmarks/memory.py --arch small --devices 1,8    # minutes-long smoke version
+  python benchmarks/memory.py --cases small --devices 1,8   # minutes-long smoke version
+  python benchmarks/memory.py --cases cifar10,in64,in128,latent1b --out benchmarks/results/memory_paper.json
+  python benchmarks/memory.py --cases in64 --devices 8 --remat none --where   # + what is alive at the peak
 
 The batch is weak-scaled: `--per_device_batch` examples per device.
 """
@@ -51,6 +55,31 @@ SMALL = dict(
   num_blocks=1,
   attn_resolutions=[8],
 )
+
+
+CIFAR10 = dict(arch="song_unet", precond="edm", img_resolution=32, in_channels=3, out_channels=3, label_dim=0)
+# ImageNet-128: EDM publishes no 128x128 network; an ADM-style stand-in (ADM's 128x128 channel
+# multipliers, ImageNet-64's width and attention resolutions).
+ADM128 = dict(ADM64, img_resolution=128, channel_mult=[1, 1, 2, 3, 4], attn_resolutions=[32, 16, 8])
+# A latent text-to-image-sized stand-in: an ADM U-Net of about 1B parameters on 64x64x4 latents
+# (Stable Diffusion's latent shape at 512 px), classes standing in for the text conditioning.
+LATENT1B = dict(ADM64, in_channels=4, out_channels=4, model_channels=352)
+
+# name -> (config file, architecture, per-device batch, remat modes, config overrides)
+CASES = {
+  "in64": ("imagenet64_emd.py", ADM64, 4, "none,full", {}),
+  "in128": ("imagenet128_emd.py", ADM128, 2, "full", {}),
+  "cifar10": ("cifar10_sim.py", CIFAR10, 32, "none", {}),
+  "latent1b": ("latent_t2i_emd.py", LATENT1B, 1, "full", {"grad_accum_steps": 1}),
+  "small": ("imagenet64_emd.py", SMALL, 4, "none,full", {}),
+}
+# HBM per chip (GiB), for the "fits" column: the per-device peak must not exceed it.
+CHIPS = {"TPU v5e": 16, "TPU v4": 32, "TPU v6e": 32, "H100": 80, "TPU v5p": 95}
+
+
+def fits(peak_gib: float) -> str:
+  ok = [name for name, hbm in sorted(CHIPS.items(), key=lambda kv: kv[1]) if peak_gib <= hbm]
+  return ", ".join(ok) if ok else "none listed"
 
 
 def abstract_teacher(spec: dict, dtype: str) -> Teacher:
@@ -107,6 +136,7 @@ def step_for(
 
 
 def compile_step(
+  config_file: str,
   spec: dict,
   devices: int,
   per_device_batch: int,
@@ -119,7 +149,7 @@ def compile_step(
   """One row: XLA's memory and cost analysis of the compiled step. With `where`, also what is alive at
   the memory peak (`hlo_peak.report` on XLA's dumps of this compilation, made in a temporary directory)."""
   step, setup, abstract, state_sh, teacher, teacher_sh, c = step_for(
-    "imagenet64_emd.py", spec, devices, per_device_batch, remat, dtype, k, overrides
+    config_file, spec, devices, per_device_batch, remat, dtype, k, overrides
   )
   mesh_shape = {"data": c.mesh.data, "fsdp": c.mesh.fsdp}
   t0 = time.perf_counter()
@@ -177,71 +207,70 @@ def peak_of(dump_dir: str, teacher: Teacher, teacher_sh, batch: int, allocated: 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--arch", choices=["adm64", "small"], default="adm64")
+  ap.add_argument("--cases", default="in64", help=f"comma-separated, of {sorted(CASES)}")
   ap.add_argument("--devices", default="1,8,64")
-  ap.add_argument("--remat", default="none,full")
-  ap.add_argument("--per_device_batch", type=int, default=4)
+  ap.add_argument("--remat", default="", help="comma-separated remat modes; empty: each case's own")
+  ap.add_argument("--per_device_batch", type=int, default=0, help="0: each case's own")
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--k", type=int, default=8)
   ap.add_argument("--out", default="benchmarks/results/memory.json")
-  ap.add_argument(
-    "--where",
-    action="store_true",
-    help="also write what is alive at the peak (XLA's dumps) to --out's _peak.md",
-  )
-  ap.add_argument(
-    "--overrides", default="{}", help='JSON {top-level config key: value}, e.g. {"keep_generator_pass": false}'
-  )
+  ap.add_argument("--where", action="store_true", help="also write what is alive at the peak to --out's _peak.md")
+  ap.add_argument("--overrides", default="{}", help='JSON {config key: value}, e.g. {"keep_generator_pass": false}')
   args = ap.parse_args()
-  spec = ADM64 if args.arch == "adm64" else SMALL
   rows = []
-  for n in [int(d) for d in args.devices.split(",")]:
-    if n > jax.device_count():
-      print(f"skip {n} devices: only {jax.device_count()} available")
-      continue
-    for remat in args.remat.split(","):
-      r = compile_step(
-        spec,
-        n,
-        args.per_device_batch,
-        remat,
-        args.dtype,
-        args.k,
-        where=args.where,
-        overrides=json.loads(args.overrides),
-      )
-      rows.append(r)
-      print(json.dumps(r), flush=True)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  for case in args.cases.split(","):
+    config_file, spec, batch, remats, extra = CASES[case]
+    extra = {**extra, **json.loads(args.overrides)}
+    batch = args.per_device_batch or batch
+    for n in [int(d) for d in args.devices.split(",")]:
+      if n > jax.device_count():
+        print(f"skip {n} devices: only {jax.device_count()} available")
+        continue
+      for remat in (args.remat or remats).split(","):
+        r = compile_step(config_file, spec, n, batch, remat, args.dtype, args.k, where=args.where, overrides=extra)
+        r["case"] = case
+        rows.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "peak"}), flush=True)
+        write(args, rows)  # after every row: a long run stopped part-way keeps its rows
+  print(markdown_table(rows))
+
+
+def write(args, rows: list[dict]) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
-    json.dump({"arch": spec, "backend": jax.default_backend(), "jax": jax.__version__, "rows": rows}, f, indent=2)
+    archs = {c: CASES[c][1] for c in args.cases.split(",")}
+    json.dump({"archs": archs, "backend": jax.default_backend(), "jax": jax.__version__, "rows": rows}, f, indent=2)
+  with open(args.out.replace(".json", ".md"), "w") as f:
+    f.write(
+      f"{args.dtype} compute, K = {args.k}, backend {jax.default_backend()} (fake devices), JAX {jax.__version__}; "
+      f"overrides {args.overrides}\n\n{markdown_table(rows)}\n"
+    )
+  if args.where:
+    sections = [
+      f"## {r['case']}: {r['devices']} devices (data {r['mesh']['data']} x fsdp {r['mesh']['fsdp']}), "
+      f"remat {r['remat']}\n\n" + hlo_peak.markdown(r["peak"])
+      for r in rows
+    ]
+    with open(args.out.replace(".json", "_peak.md"), "w") as f:
+      f.write(f"What is alive at the memory peak, {args.dtype}, K = {args.k} (benchmarks/hlo_peak.py)\n\n")
+      f.write("\n".join(sections))
+
+
+def markdown_table(rows: list[dict]) -> str:
   lines = [
-    "| devices | mesh (data x fsdp) | global batch | remat | args GiB | temp GiB | peak GiB | TFLOP/device |",
-    "|---|---|---|---|---|---|---|---|",
+    "| case | params / net | devices | mesh (data x fsdp) | batch / device | remat | args GiB | temp GiB "
+    "| peak GiB | TFLOP/device | fits (HBM >= peak) | compile s |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     m = r["mesh"]
     lines.append(
-      f"| {r['devices']} | {m['data']} x {m['fsdp']} | {r['global_batch']} | {r['remat']} | "
-      f"{r['argument_gib']:.2f} | {r['temp_gib']:.2f} | {r['peak_estimate_gib']:.2f} | "
-      f"{r['flops_per_device'] / 1e12:.2f} |"
+      f"| {r['case']} | {r['params_per_net'] / 1e6:.1f}M | {r['devices']} | {m['data']} x {m['fsdp']} | "
+      f"{r['global_batch'] // r['devices']} | {r['remat']} | {r['argument_gib']:.2f} | {r['temp_gib']:.2f} | "
+      f"{r['peak_estimate_gib']:.2f} | {r['flops_per_device'] / 1e12:.2f} | {fits(r['peak_estimate_gib'])} | "
+      f"{r['compile_s']:.0f} |"
     )
-  table = "\n".join(lines)
-  with open(args.out.replace(".json", ".md"), "w") as f:
-    f.write(
-      f"Architecture: {args.arch} ({rows[0]['params_per_net'] if rows else '?'} parameters per network), "
-      f"{args.dtype} compute, K = {args.k}, backend {jax.default_backend()}\n\n{table}\n"
-    )
-  print(table)
-  if args.where:
-    sections = [
-      f"## {r['devices']} devices (data {r['mesh']['data']} x fsdp {r['mesh']['fsdp']}), remat {r['remat']}\n\n"
-      + hlo_peak.markdown(r["peak"])
-      for r in rows
-    ]
-    with open(args.out.replace(".json", "_peak.md"), "w") as f:
-      f.write(f"What is alive at the memory peak, {args.arch}, {args.dtype}, K = {args.k}, ")
-      f.write(f"{args.per_device_batch} examples per device (benchmarks/hlo_peak.py)\n\n" + "\n".join(sections))
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
