@@ -1,6 +1,8 @@
 """Named EMA tracks (`generator.ema_tracks`): parsing and validation, the recursion each track follows,
 the non-finite guard, exact resume with tracks, per-track evaluation and export by name."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,6 +114,10 @@ def test_resume_with_tracks_is_bit_identical_and_tracks_are_evaluated_and_export
   for prefix in ("", "eval_slow/", "eval_deb/"):
     assert f"{prefix}gmm/sliced_wasserstein" in full, sorted(full)
   assert full["eval_slow/gmm/sliced_wasserstein"] != full["gmm/sliced_wasserstein"]
+  # ... and draws a sample grid of each into TensorBoard.
+  assert {"samples", "samples_slow", "samples_deb"} <= _image_tags(str(tmp_path / "full")), _image_tags(
+    str(tmp_path / "full")
+  )
   # The same tracks' figures computed independently from the final state, with the evaluation's inputs.
   c = gmm_tiny(total_steps=8, checkpoint_every=4, **over)
   train.validate_distill(c)
@@ -137,3 +143,18 @@ def test_resume_with_tracks_is_bit_identical_and_tracks_are_evaluated_and_export
     train.train_and_evaluate(
       gmm_tiny(total_steps=12, **{**over, "generator.ema_tracks": "slow:0.9"}), str(tmp_path / "full")
     )
+
+
+def _image_tags(workdir: str) -> set[str]:
+  """The tags of the image summaries in `workdir`'s TensorBoard event files."""
+  import glob
+
+  import tensorflow as tf
+
+  tags = set()
+  for path in glob.glob(os.path.join(workdir, "**", "events.out.tfevents.*"), recursive=True):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        if v.HasField("image") or (v.metadata.plugin_data.plugin_name == "images"):
+          tags.add(v.tag)
+  return tags

@@ -428,9 +428,11 @@ def make_job(config, setup: DistillSetup, workdir: str) -> runner.Job:
   def evaluate_fn(st, step):
     rng = jax.random.fold_in(k_eval, step)
     scalars, images = evaluate(config, setup, st.gen_ema, rng, step=step, workdir=workdir)
-    for name in track_names(setup):  # the same inputs for every track; scalars only, `eval_<name>/...`
-      track, _ = evaluate(config, setup, st.gen_ema_tracks[name], rng)
+    # The same inputs for every track: scalars `eval_<name>/...` and a grid `samples_<name>` each.
+    for name in track_names(setup):
+      track, track_images = evaluate(config, setup, st.gen_ema_tracks[name], rng)
       scalars = {**scalars, **{f"eval_{name}/{k}": v for k, v in track.items()}}
+      images = {**images, **{f"{k}_{name}": v for k, v in track_images.items()}}
     return scalars, images
 
   def export_fn(st, _last_eval):
