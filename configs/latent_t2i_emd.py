@@ -34,6 +34,7 @@ def get_config(arg: str = ""):
   c.loss.noise = noise(-2.0, 2.0, sigma_min=0.01, sigma_max=156.6)
   c.compute_dtype = "bfloat16"
   c.remat = "full"
+  c.keep_generator_pass = False  # less memory for one generator forward more (docs/scaling.md)
   c.grad_accum_steps = 8
   c.mesh.fsdp = 8
   c.eval_every = 1_000
