@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from emd_jax.training.optimizer import lr_schedule, make_optimizer
+from emd_jax.training.optimizer import lr_schedule, make_optimizer, tree_norm
 
 
 def _cfg(**kw):
@@ -56,3 +56,10 @@ def test_decay_needs_total_steps_and_a_known_kind():
     lr_schedule(_cfg(decay="cosine"))
   with pytest.raises(ValueError, match="unknown learning-rate decay 'step'"):
     lr_schedule(_cfg(decay="step"), total_steps=10)
+
+
+def test_tree_norm_is_the_l2_norm_of_all_leaves_in_float32():
+  tree = {"a": jnp.array([3.0, 4.0]), "b": {"c": jnp.array([[12.0]], jnp.bfloat16)}, "d": jnp.zeros((0,))}
+  got = tree_norm(tree)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(float(got), 13.0, rtol=1e-7)  # sqrt(9 + 16 + 144)

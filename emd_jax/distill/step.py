@@ -41,6 +41,7 @@ from emd_jax.distill.losses import LossSpec, generator_loss
 from emd_jax.distill.state import DistillState
 from emd_jax.training.ema import EmaTrack, debiased_decay, ema_update, track_decay
 from emd_jax.training.guard import all_finite, guarded_update
+from emd_jax.training.optimizer import tree_norm
 
 Array = jax.Array
 
@@ -381,12 +382,12 @@ def fake_update(
     params = optax.apply_updates(params, updates)
     ok = jnp.isfinite(loss) & all_finite(grads)
     if disc is None:
-      return (params, opt_state), (loss, optax.global_norm(grads), ok)
+      return (params, opt_state), (loss, tree_norm(grads), ok)
     head, head_opt = carry[2]
     head_updates, head_opt = tx_fake.update(g_head, head_opt, head)
     head = optax.apply_updates(head, head_updates)
     ok = ok & jnp.isfinite(adv_loss) & all_finite(g_head)
-    return (params, opt_state, (head, head_opt)), (loss, optax.global_norm(grads), ok, adv_loss)
+    return (params, opt_state, (head, head_opt)), (loss, tree_norm(grads), ok, adv_loss)
 
   carry = (fake_params, fake_opt_state) + (() if disc is None else (disc,))
   if fake_unrolled(cfg):
@@ -597,10 +598,10 @@ def train_step(
     {
       "loss/generator": g_loss,
       "loss/fake_dsm": jnp.mean(fake.loss),
-      "grad_norm/generator": optax.global_norm(g_grads),
+      "grad_norm/generator": tree_norm(g_grads),
       "grad_norm/fake": jnp.mean(fake.grad_norm),
-      "param_norm/generator": optax.global_norm(gen_params),
-      "update_norm/generator": optax.global_norm(updates),
+      "param_norm/generator": tree_norm(gen_params),
+      "update_norm/generator": tree_norm(updates),
       "sigma/mean_log": jnp.mean(jnp.log(d.sigma)),
       **guard_metrics,
     }

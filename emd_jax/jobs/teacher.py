@@ -39,7 +39,7 @@ from emd_jax.runtime import runner
 from emd_jax.teachers.guidance import guided_apply
 from emd_jax.training.ema import ema_update, warmup_decay
 from emd_jax.training.guard import all_finite, guarded_update
-from emd_jax.training.optimizer import make_optimizer
+from emd_jax.training.optimizer import make_optimizer, tree_norm
 
 Array = jax.Array
 
@@ -125,9 +125,9 @@ def make_train_step(
     kept, guard_metrics = guarded_update(ok, state.replace(params=params, opt_state=opt_state, ema=ema), state)
     metrics = {
       "loss/dsm": loss,
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(params),
-      "update_norm": optax.global_norm(updates),
+      "grad_norm": tree_norm(grads),
+      "param_norm": tree_norm(params),
+      "update_norm": tree_norm(updates),
       "sigma/mean_log": jnp.mean(jnp.log(sigma)),
       **guard_metrics,
     }

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import optax
+
+
+def tree_norm(tree) -> jax.Array:
+  """The L2 norm of all leaves together, in float32 (`optax.global_norm`, which optax now deprecates
+  under a name that older optax releases lack)."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def lr_schedule(cfg, total_steps: int | None = None):
