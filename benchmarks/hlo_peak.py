@@ -8,7 +8,7 @@ module joins the two: each peak buffer gets its shape and its `op_name` (the JAX
 
 - `argument`: an entry parameter (the sharded state and teacher weights);
 - `full weight`: an array whose shape is (up to a transpose) a network parameter's *unsharded*
-  shape and not its shard's: a gathered weight, or a weight-sized gradient or cast;
+  shape: a gathered weight, or a weight-sized gradient or cast (on one device, every weight);
 - `weight shard`: the shape of a parameter's shard on this device;
 - `activation`: anything else with at least one dimension equal to the per-device batch;
 - `other`.
@@ -93,7 +93,7 @@ def kind_of(name, shape, entry_params, full_shapes, shard_shapes, batch) -> str:
   if dims is None:
     return "other"
   key = tuple(sorted(dims))
-  if key in full_shapes and key not in shard_shapes:
+  if key in full_shapes:  # on a mesh that does not shard it, a weight's shard is the full weight
     return "full weight"
   if key in shard_shapes:
     return "weight shard"
