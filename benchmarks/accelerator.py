@@ -90,7 +90,7 @@ def random_state(setup, spec: dict, dtype: str, state_sh, teacher_sh, key):
     return module.init(k, jnp.zeros((1, res, res, ch)), jnp.ones((1,)), labels)["params"]
 
   teacher = jax.jit(init, out_shardings=teacher_sh)(key)
-  state = jax.jit(lambda k: train._create(setup, k, init(k)), out_shardings=state_sh)(jax.random.fold_in(key, 1))
+  state = jax.jit(lambda k: train.initial_state(setup, k, init(k)), out_shardings=state_sh)(jax.random.fold_in(key, 1))
   return state, teacher
 
 

@@ -139,7 +139,7 @@ def one_step(setup, mesh_shape=(1, 1), devices=None, real=None):
   n = mesh_shape[0] * mesh_shape[1]
   mesh = parallel.make_mesh({"data": mesh_shape[0], "fsdp": mesh_shape[1]}, devices=devices or jax.devices()[:n])
   step, state_sh, teacher_sh = distill.sharded_step(setup, mesh, distill.abstract_state(setup, key))
-  state = jax.device_get(distill._create(setup, key, params))  # host copy: the step donates its input
+  state = jax.device_get(distill.initial_state(setup, key, params))  # host copy: the step donates its input
   args = [jax.device_put(state, state_sh), jax.device_put(setup.teacher.params, teacher_sh)]
   if setup.step_cfg.adv.on:
     real = real_batch() if real is None else real
@@ -193,7 +193,7 @@ def test_gradient_routing():
   setup = adv_setup()
   cfg = setup.step_cfg
   key = jax.random.PRNGKey(0)
-  state = distill._create(setup, key, init_student_params(setup, key))
+  state = distill.initial_state(setup, key, init_student_params(setup, key))
   disc_apply = setup.disc_apply()
   nets = step_lib.Nets(setup.net_apply, setup.teacher.apply, disc_apply)
   k = step_lib.step_key(state)

@@ -385,10 +385,10 @@ def export(
 
 def abstract_state(setup: DistillSetup, key) -> DistillState:
   """The state's shapes and dtypes, without computing anything."""
-  return jax.eval_shape(lambda p: _create(setup, key, p), _abstract_params(setup))
+  return jax.eval_shape(lambda p: initial_state(setup, key, p), _abstract_params(setup))
 
 
-def _create(setup: DistillSetup, key, params) -> DistillState:
+def initial_state(setup: DistillSetup, key, params) -> DistillState:
   """The initial state (`create_state`, and the discriminator head when the adversarial term is on)."""
   return with_disc(
     setup, create_state(key, params, setup.tx_gen, setup.tx_fake, track_names(setup)), jax.random.fold_in(key, 1)
@@ -442,7 +442,7 @@ def make_job(config, setup: DistillSetup, workdir: str) -> runner.Job:
 
   return runner.Job(
     abstract_state=abstract_state(setup, k_state),
-    init=lambda params: _create(setup, k_state, params),
+    init=lambda params: initial_state(setup, k_state, params),
     init_inputs=lambda: (initial_student_params(config, setup, k_init),),  # the surrogate fit runs only here
     make_step=lambda mesh: _make_step(setup, mesh),
     fingerprint=config_fingerprint(config, setup),
