@@ -15,6 +15,7 @@ from emd_jax.distill import methods
 from emd_jax.distill.losses import unknown_name
 from emd_jax.distill.step import FAKE_LOOPS, GAMMA_Z_SCALINGS, GEN_TRAIN_STEPS, REMAT_POLICIES
 from emd_jax.errors import UserInputError
+from emd_jax.runtime.fsdp import GATHER_MODES
 from emd_jax.training.ema import parse_ema_tracks
 
 
@@ -117,6 +118,8 @@ def _check_mesh(config) -> None:
   n = jax.device_count()
   fsdp, data = config.mesh.get("fsdp", 1), config.mesh.get("data", -1)
   _require(fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {fsdp}")
+  gather = config.mesh.get("gather", "per_layer")
+  _require(gather in GATHER_MODES, "mesh.gather", f"must be one of {GATHER_MODES}, got {gather!r}")
   _require(data == -1 or data >= 1, "mesh.data", f"must be >= 1 or -1 (all remaining devices), got {data}")
   if data == -1:
     _require(n % fsdp == 0, "mesh.fsdp", f"{fsdp} does not divide the {n} available devices")

@@ -44,6 +44,7 @@ class DistillSetup:
   tx_gen: object
   tx_fake: object
   evaluator: object = None  # built once from config.eval (evaluators.registry); None: no scores
+  gather: str = "per_layer"  # config.mesh.gather (runtime.fsdp)
 
   def net_apply(self, params, x, sigma, labels=None):
     return self.module.apply({"params": params}, x, sigma, labels)
@@ -155,7 +156,8 @@ def build_setup(config, teacher: Teacher | None = None) -> DistillSetup:
   )
   tx_gen = make_optimizer(config.generator, config.total_steps)
   tx_fake = make_optimizer(config.fake, config.total_steps)
-  return DistillSetup(teacher, spec, module, step_cfg, tx_gen, tx_fake, build_evaluator(config, teacher))
+  gather = config.mesh.get("gather", "per_layer")
+  return DistillSetup(teacher, spec, module, step_cfg, tx_gen, tx_fake, build_evaluator(config, teacher), gather)
 
 
 def adv_spec(config) -> adversarial.AdvSpec:
@@ -404,7 +406,7 @@ def sharded_step(setup: DistillSetup, mesh, abstract: DistillState):
   state_sh = parallel.tree_shardings(abstract, mesh)
   teacher_sh = parallel.tree_shardings(setup.teacher.params, mesh)
   batch_sh = parallel.batch_sharding(mesh) if setup.step_cfg.adv.on else None
-  step = runner.jit_step(_make_step(setup, mesh), state_sh, (teacher_sh,), batch_sh, mesh=mesh)
+  step = runner.jit_step(_make_step(setup, mesh), state_sh, (teacher_sh,), batch_sh, mesh=mesh, gather=setup.gather)
   return step, state_sh, teacher_sh
 
 

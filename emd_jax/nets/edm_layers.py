@@ -11,12 +11,15 @@ compute dtype.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from emd_jax.runtime import fsdp
 
 Array = jax.Array
 
@@ -59,11 +62,20 @@ class Linear(nn.Module):
       edm_init(self.init_mode, *fans, self.init_weight),
       (self.in_features, self.out_features),
     )
-    x = x @ w.astype(self.dtype)
+    x = fsdp.layer_op(functools.partial(_matmul, dtype=self.dtype), x, w)
     if self.bias:
       b = self.param("bias", edm_init(self.init_mode, *fans, self.init_bias), (self.out_features,))
       x = x + b.astype(self.dtype)
     return x
+
+
+def _matmul(x: Array, w: Array, dtype) -> Array:
+  return x @ w.astype(dtype)
+
+
+def _weight_conv(x: Array, w: Array, dtype, **kw) -> Array:
+  """`_conv` with a parameter `w` cast to the compute dtype (under `fsdp.layer_op`)."""
+  return _conv(x, w.astype(dtype), **kw)
 
 
 def _resample_kernel(resample_filter: Sequence[float], channels: int) -> np.ndarray:
@@ -132,7 +144,7 @@ class Conv2d(nn.Module):
         "weight",
         edm_init(self.init_mode, *fans, self.init_weight),
         (k, k, self.in_channels, self.out_channels),
-      ).astype(self.dtype)
+      )  # float32; cast to the compute dtype where it is used (`_weight_conv`)
       if self.bias:
         b = self.param("bias", edm_init(self.init_mode, *fans, self.init_bias), (self.out_channels,))
         b = b.astype(self.dtype)
@@ -145,11 +157,14 @@ class Conv2d(nn.Module):
     def filt(c):
       return jnp.asarray(_resample_kernel(self.resample_filter, c), self.dtype)
 
+    def wconv(x, **kw):
+      return fsdp.layer_op(functools.partial(_weight_conv, dtype=self.dtype, **kw), x, w)
+
     if self.fused_resample and self.up and w is not None:
       x = _conv_transpose_up(x, filt(self.in_channels) * 4, max(f_pad - w_pad, 0))
-      x = _conv(x, w, pad=max(w_pad - f_pad, 0))
+      x = wconv(x, pad=max(w_pad - f_pad, 0))
     elif self.fused_resample and self.down and w is not None:
-      x = _conv(x, w, pad=w_pad + f_pad)
+      x = wconv(x, pad=w_pad + f_pad)
       x = _conv(x, filt(self.out_channels), stride=2, groups=self.out_channels)
     else:
       if self.up:
@@ -157,7 +172,7 @@ class Conv2d(nn.Module):
       if self.down:
         x = _conv(x, filt(self.in_channels), stride=2, pad=f_pad, groups=self.in_channels)
       if w is not None:
-        x = _conv(x, w, pad=w_pad)
+        x = wconv(x, pad=w_pad)
     if b is not None:
       x = x + b
     return x

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from emd_jax.formats import paths
 from emd_jax.runtime import checkpoint as ckpt_lib
-from emd_jax.runtime import faults, loop, parallel
+from emd_jax.runtime import faults, fsdp, loop, parallel
 from emd_jax.runtime import logs as metrics_lib
 
 StepFn = Callable[..., tuple[Any, dict]]
@@ -76,12 +76,31 @@ def fsdp_shardings(trees: tuple, mesh: Mesh) -> tuple:
   return tuple(parallel.tree_shardings(t, mesh) for t in trees)
 
 
-def jit_step(step: StepFn, state_shardings, arg_shardings: tuple, batch_sharding=None, *, mesh: Mesh) -> StepFn:
-  """`step` jitted with explicit in/out shardings (metrics replicated) and the state donated."""
+def jit_step(
+  step: StepFn, state_shardings, arg_shardings: tuple, batch_sharding=None, *, mesh: Mesh, gather: str = "per_layer"
+) -> StepFn:
+  """`step` jitted with explicit in/out shardings (metrics replicated) and the state donated.
+
+  `gather="per_layer"` traces the step under the mesh (`jax.sharding.use_abstract_mesh`), which
+  switches on `runtime.fsdp.layer_op`'s per-layer weight gathering in the networks' layers;
+  `"auto"` leaves every gather to XLA's partitioner.
+  """
+  if gather not in fsdp.GATHER_MODES:
+    raise ValueError(f"mesh.gather must be one of {fsdp.GATHER_MODES}, got {gather!r}")
+  if gather == "per_layer":
+    step = _under_mesh(step, mesh)
   in_shardings = (state_shardings, *arg_shardings) + (() if batch_sharding is None else (batch_sharding,))
   return jax.jit(
     step, in_shardings=in_shardings, out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0
   )
+
+
+def _under_mesh(step: StepFn, mesh: Mesh) -> StepFn:
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return step(*args)
+
+  return traced
 
 
 def sharded_init(init: Callable[..., Any], state_shardings, inputs: tuple, mesh: Mesh):
@@ -109,7 +128,8 @@ def run_job(job: Job, config, workdir: str) -> dict:
   state_sh = parallel.tree_shardings(job.abstract_state, mesh)
   arg_sh = job.arg_shardings(mesh) if job.arg_shardings is not None else fsdp_shardings(job.args, mesh)
   batch_sh = parallel.batch_sharding(mesh) if job.batches is not None else None
-  step_fn = jit_step(job.make_step(mesh), state_sh, arg_sh, batch_sh, mesh=mesh)
+  gather = config.mesh.get("gather", "per_layer")
+  step_fn = jit_step(job.make_step(mesh), state_sh, arg_sh, batch_sh, mesh=mesh, gather=gather)
   args = jax.device_put(job.args, arg_sh)
   meta = {"config": config.to_dict(), "fingerprint": job.fingerprint}
 
