@@ -20,6 +20,7 @@ separate, sharded, never-donated input, never a closure constant.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -96,6 +97,7 @@ def jit_step(
 
 
 def _under_mesh(step: StepFn, mesh: Mesh) -> StepFn:
+  @functools.wraps(step)  # the jitted program keeps the step's name (jit_step in XLA's dumps)
   def traced(*args):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return step(*args)
