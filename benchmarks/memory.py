@@ -119,8 +119,12 @@ def step_for(
   c.compute_dtype = dtype
   if k is not None:
     c.estep.num_steps = k
-  for key, value in (overrides or {}).items():
-    c[key] = value
+  for key, value in (overrides or {}).items():  # dotted keys reach nested fields ("mesh.gather")
+    *parents, leaf = key.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
   fsdp = min(devices, 8)
   c.mesh.fsdp = fsdp
   c.mesh.data = devices // fsdp
