@@ -101,6 +101,7 @@ CASES = [
   (["--config.mesh.data=3"], "mesh.data: data=3 x fsdp=1 = 3 devices, but 8 are available"),
   (["--config.mesh.fsdp=3"], "mesh.fsdp: 3 does not divide the 8 available devices"),
   (["--config.mesh.fsdp=0"], "mesh.fsdp: must be >= 1"),
+  (["--config.mesh.gather=some"], "mesh.gather: must be one of ('auto', 'per_layer'), got 'some'"),
   (["--config.batch_size=60"], "batch_size: 60 is not divisible by the 8 data-parallel devices"),
   # teacher and student shapes, missing and damaged files
   (["--config.teacher.kind=diffusion"], "teacher.kind: unknown teacher kind 'diffusion'"),

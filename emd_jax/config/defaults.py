@@ -200,9 +200,6 @@ def shrink_for_tests(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.checkpoint_every = 1000
   c.mesh.data = -1
   c.mesh.fsdp = 1
-  # FSDP weights gathered one layer at a time in the forward and again in the backward pass
-  # ("per_layer", runtime.fsdp), or wherever XLA's partitioner puts the gathers ("auto").
-  c.mesh.gather = "per_layer"
   c.mesh.devices = 1  # one device compiles fastest; sharding is tested separately
   return c
 

@@ -15,7 +15,7 @@ from emd_jax.distill import methods
 from emd_jax.distill.losses import unknown_name
 from emd_jax.distill.step import FAKE_LOOPS, GAMMA_Z_SCALINGS, GEN_TRAIN_STEPS, REMAT_POLICIES
 from emd_jax.errors import UserInputError
-from emd_jax.runtime.fsdp import GATHER_MODES
+from emd_jax.runtime.fsdp import GATHER_MODES, gather_mode
 from emd_jax.training.ema import parse_ema_tracks
 
 
@@ -118,7 +118,7 @@ def _check_mesh(config) -> None:
   n = jax.device_count()
   fsdp, data = config.mesh.get("fsdp", 1), config.mesh.get("data", -1)
   _require(fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {fsdp}")
-  gather = config.mesh.get("gather", "per_layer")
+  gather = gather_mode(config)
   _require(gather in GATHER_MODES, "mesh.gather", f"must be one of {GATHER_MODES}, got {gather!r}")
   _require(data == -1 or data >= 1, "mesh.data", f"must be >= 1 or -1 (all remaining devices), got {data}")
   if data == -1:
@@ -188,8 +188,6 @@ def validate_distill(config) -> None:
   )
   remat = config.get("remat", "none")
   _require(remat in REMAT_POLICIES, "remat", f"must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
-  keep = config.get("keep_generator_pass", True)
-  _require(isinstance(keep, bool), "keep_generator_pass", f"must be True or False, got {keep!r}")
   _check_optimizer(config.generator, "generator")
   _check_optimizer(config.fake, "fake")
   _check_noise(config.fake.noise, "fake.noise")

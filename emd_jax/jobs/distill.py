@@ -24,8 +24,8 @@ from emd_jax.distill.state import DistillState, create_state
 from emd_jax.distill.step import StepConfig, make_train_step
 from emd_jax.formats import generator_export as export_lib
 from emd_jax.formats import paths
+from emd_jax.runtime import fsdp, parallel, runner
 from emd_jax.runtime import logs as metrics_lib
-from emd_jax.runtime import parallel, runner
 from emd_jax.runtime.loop import TrainingError  # noqa: F401  (re-exported for callers)
 from emd_jax.teachers.base import Teacher
 from emd_jax.teachers.network import with_compute_dtype
@@ -156,8 +156,8 @@ def build_setup(config, teacher: Teacher | None = None) -> DistillSetup:
   )
   tx_gen = make_optimizer(config.generator, config.total_steps)
   tx_fake = make_optimizer(config.fake, config.total_steps)
-  gather = config.mesh.get("gather", "per_layer")
-  return DistillSetup(teacher, spec, module, step_cfg, tx_gen, tx_fake, build_evaluator(config, teacher), gather)
+  evaluator = build_evaluator(config, teacher)
+  return DistillSetup(teacher, spec, module, step_cfg, tx_gen, tx_fake, evaluator, fsdp.gather_mode(config))
 
 
 def adv_spec(config) -> adversarial.AdvSpec:

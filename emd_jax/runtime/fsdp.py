@@ -17,9 +17,10 @@ a whole network's weights, unsharded, alive at once (docs/scaling.md, "Where the
 The dependence is `w + 0 * v[0]` (`v` the input or the cotangent), which XLA does not fold for
 floating point; the result is numerically `w`, so gradients equal plain autodiff's (tested). The
 layer's weight gradient is the gradient of `op` at the re-derived weight, reduced to the shard by
-the partitioner. Active only under `jax.set_mesh(mesh)` with an `fsdp` axis larger than 1 and
-for weights `parallel.fsdp_spec` shards (the step enters the mesh when `mesh.gather` is
-`"per_layer"`); otherwise exactly `op(x, w)`.
+the partitioner. Active only while the step is traced under the mesh
+(`jax.sharding.use_abstract_mesh`, which `runtime.runner.jit_step` enters when `mesh.gather` is
+`"per_layer"`), with an `fsdp` axis larger than 1, and for weights `parallel.fsdp_spec` shards;
+otherwise exactly `op(x, w)`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ from jax.sharding import PartitionSpec as P
 from emd_jax.runtime.parallel import fsdp_spec
 
 GATHER_MODES = ("auto", "per_layer")
+
+
+def gather_mode(config) -> str:
+  """`config.mesh.gather`, "per_layer" when unset (configs written before the field existed)."""
+  return config.mesh.get("gather", "per_layer")
 
 
 def _spec(w) -> P | None:

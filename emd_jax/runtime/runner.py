@@ -130,8 +130,7 @@ def run_job(job: Job, config, workdir: str) -> dict:
   state_sh = parallel.tree_shardings(job.abstract_state, mesh)
   arg_sh = job.arg_shardings(mesh) if job.arg_shardings is not None else fsdp_shardings(job.args, mesh)
   batch_sh = parallel.batch_sharding(mesh) if job.batches is not None else None
-  gather = config.mesh.get("gather", "per_layer")
-  step_fn = jit_step(job.make_step(mesh), state_sh, arg_sh, batch_sh, mesh=mesh, gather=gather)
+  step_fn = jit_step(job.make_step(mesh), state_sh, arg_sh, batch_sh, mesh=mesh, gather=fsdp.gather_mode(config))
   args = jax.device_put(job.args, arg_sh)
   meta = {"config": config.to_dict(), "fingerprint": job.fingerprint}
 
