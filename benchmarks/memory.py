@@ -119,12 +119,9 @@ def step_for(
   c.compute_dtype = dtype
   if k is not None:
     c.estep.num_steps = k
-  for key, value in (overrides or {}).items():  # dotted keys reach nested fields ("mesh.gather")
-    *parents, leaf = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  from benchmarks.digits_sweep import apply_overrides  # dotted keys ("mesh.gather"); unknown ones raise
+
+  apply_overrides(c, overrides or {})
   fsdp = min(devices, 8)
   c.mesh.fsdp = fsdp
   c.mesh.data = devices // fsdp
