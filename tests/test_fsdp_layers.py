@@ -9,7 +9,7 @@ import numpy as np
 
 from benchmarks import hlo_peak
 from emd_jax.nets.edm_layers import Conv2d, Linear
-from emd_jax.runtime import parallel, runner
+from emd_jax.runtime import fsdp, parallel
 
 WIDTH, LAYERS = 1024, 6
 
@@ -35,8 +35,8 @@ def _compiled(gather: str, tmp_path):
   def loss(params, x):
     return jnp.sum(jnp.square(model.apply({"params": params}, x).astype(jnp.float32)))
 
-  # runner.jit_step's wrapping, on a plain gradient function.
-  fn = runner._under_mesh(jax.grad(loss), mesh) if gather == "per_layer" else jax.grad(loss)
+  # runner.jit_step's wrapping (mesh.gather='per_layer'), on a plain gradient function.
+  fn = fsdp.traced_under(mesh, jax.grad(loss)) if gather == "per_layer" else jax.grad(loss)
   grad = jax.jit(fn, in_shardings=(p_sh, x_sh), out_shardings=p_sh)
   params = jax.jit(model.init, out_shardings={"params": p_sh})(jax.random.PRNGKey(1), jnp.zeros((1, WIDTH)))["params"]
   x = jax.device_put(jax.random.normal(jax.random.PRNGKey(2), (64, WIDTH)), x_sh)

@@ -42,6 +42,21 @@ def gather_mode(config) -> str:
   return config.mesh.get("gather", "per_layer")
 
 
+def traced_under(mesh, fn: Callable) -> Callable:
+  """`fn`, traced under `mesh` (`jax.sharding.use_abstract_mesh`): `layer_op` then gathers per layer.
+
+  Wrap the function before `jax.jit` (`runtime.runner.jit_step` does for `mesh.gather="per_layer"`);
+  the wrapper keeps `fn`'s name, so the jitted program keeps it in XLA's dumps.
+  """
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return traced
+
+
 def _spec(w) -> P | None:
   """The shard spec of `w` on the current mesh, or None when per-layer gathering does not apply."""
   mesh = jax.sharding.get_abstract_mesh()

@@ -20,7 +20,6 @@ separate, sharded, never-donated input, never a closure constant.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -89,20 +88,11 @@ def jit_step(
   if gather not in fsdp.GATHER_MODES:
     raise ValueError(f"mesh.gather must be one of {fsdp.GATHER_MODES}, got {gather!r}")
   if gather == "per_layer":
-    step = _under_mesh(step, mesh)
+    step = fsdp.traced_under(mesh, step)
   in_shardings = (state_shardings, *arg_shardings) + (() if batch_sharding is None else (batch_sharding,))
   return jax.jit(
     step, in_shardings=in_shardings, out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0
   )
-
-
-def _under_mesh(step: StepFn, mesh: Mesh) -> StepFn:
-  @functools.wraps(step)  # the jitted program keeps the step's name (jit_step in XLA's dumps)
-  def traced(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return step(*args)
-
-  return traced
 
 
 def sharded_init(init: Callable[..., Any], state_shardings, inputs: tuple, mesh: Mesh):
