@@ -202,3 +202,54 @@ def test_train_step_last_trains_only_the_final_step_on_the_full_simulation():
     denoise, cfg.gen_sigmas[0] * d.sim_noise[0], cfg.gen_sigmas[:2] + (0.0,), d.sim_noise[1:]
   )
   np.testing.assert_allclose(d.base, want, rtol=1e-5, atol=1e-6)
+
+
+def _gmm_config(num_steps: int):
+  """The GMM default (full-size MLP, exact teacher) at a short budget; N > 1: the grid (2.5, 0.8, 0)."""
+  from helpers import override
+
+  from configs.gmm import get_config
+
+  overrides = {"total_steps": 300, "batch_size": 128, "teacher.surrogate_steps": 600, "eval_every": 300}
+  overrides.update({"checkpoint_every": 300, "log_every": 300, "eval_num_samples": 2000, "generator.decay": "none"})
+  overrides["mesh.devices"] = 1  # one device: no cross-device rendezvous to time out on a loaded machine
+  if num_steps > 1:
+    overrides.update({"generator.num_steps": num_steps, "generator.sigma_min": 0.8})
+  return override(get_config(), **overrides)
+
+
+def _gmm_scores(x, teacher) -> dict:
+  """`emd_jax.evaluators.gmm` figures of samples `x`, without their `gmm/` prefix."""
+  from emd_jax.evaluators import gmm
+
+  return {k.split("/", 1)[1]: v for k, v in gmm.gmm_metrics(np.asarray(x), jax.device_get(teacher.params)).items()}
+
+
+def test_two_step_student_is_ahead_of_the_one_step_student_at_equal_steps(tmp_path):
+  """Issue 17's property on the analytic GMM: the same recipe and number of generator updates (300),
+  a 2-step student (grid 2.5, 0.8, 0; `train_step="last"`) against the one-step student, each scored
+  on 8,000 samples with the exact figures; and the 2-step student trains (it beats its own starting
+  point, the surrogate run as a 2-step sampler). Measured under load: sliced Wasserstein 0.18 (2 steps)
+  vs 0.36 (1 step); mode-mass TV 0.07 vs 0.20; 0 vs 3 dropped modes. (At the benchmark's 6,000
+  steps the two are level within the seed-to-seed spread: benchmarks/results/gmm_seeds_fewstep.md.)"""
+  scores = {}
+  for n in (1, 2):
+    config = _gmm_config(n)
+    distill.train_and_evaluate(config, str(tmp_path / f"n{n}"))
+    sampler = export_lib.load_sampler(str(tmp_path / f"n{n}" / "export"))
+    teacher = distill.teachers.from_config(config.teacher)
+    scores[n] = _gmm_scores(sampler.sample(jax.random.key(7), 8000), teacher)
+  # The untrained 2-step sampler: the surrogate the student starts from, the same grid and noise streams.
+  setup = distill.build_setup(config)
+  start = distill.initial_student_params(config, setup, jax.random.key(0))
+  k_z, _ = jax.random.split(jax.random.key(7))
+  z = 2.5 * jax.random.normal(k_z, (8000, 2))
+  noise = jax.random.normal(jax.random.fold_in(k_z, 1), (1, 8000, 2))
+  denoise = lambda x, s, labels: setup.module.apply({"params": start}, x, s)  # noqa: E731
+  untrained = _gmm_scores(diffusion.student_sample(denoise, z, (2.5, 0.8, 0.0), noise), teacher)
+  one, two = scores[1], scores[2]
+  assert two["sliced_wasserstein"] < 0.7 * one["sliced_wasserstein"], (one, two)
+  assert two["mode_mass_tv"] < one["mode_mass_tv"], (one, two)
+  assert two["off_mode_fraction"] < one["off_mode_fraction"] - 0.1, (one, two)
+  assert two["dropped_modes"] <= one["dropped_modes"], (one, two)
+  assert two["sliced_wasserstein"] < 0.8 * untrained["sliced_wasserstein"], (two, untrained)
