@@ -60,7 +60,8 @@ def test_sampler_one_step_is_the_denoiser_and_n_steps_renoise_each_prediction():
 
 def _few_setup(num_steps=2, **kw):
   c = gmm_tiny(
-    **{"generator.num_steps": num_steps, "method": "di", "batch_size": 32, "generator.train_step": "uniform", **kw}
+    **{"generator.num_steps": num_steps, "method": "di", "batch_size": 32, "generator.train_step": "uniform", **kw},
+    **{"generator.sigma_min": 0.2},  # the library default grid (configs/gmm.py sets 0.5)
   )
   distill.validate_distill(c)
   return c, distill.build_setup(c)
@@ -155,7 +156,7 @@ def test_four_step_student_trains_resumes_exactly_exports_and_samples(tmp_path):
 
   export = str(tmp_path / "full" / "export")
   meta = json.load(open(os.path.join(export, "generator.json")))
-  grid = diffusion.student_sigmas(4, 2.5, 0.2)
+  grid = diffusion.student_sigmas(4, 2.5, 0.5)  # configs/gmm.py: generator.sigma_min 0.5
   assert meta["kind"] == "few_step_generator" and meta["format_version"] == 2
   assert meta["num_steps"] == 4 and tuple(meta["sigmas"]) == grid
   sampler = export_lib.load_sampler(export)
