@@ -55,7 +55,7 @@ from emd_jax.formats.generator_export import load_sampler  # noqa: E402
 from emd_jax.jobs import distill as train_lib  # noqa: E402
 from emd_jax.sample import sample_teacher  # noqa: E402
 
-DEFAULT_METHODS = "emd_sim,emd,sim,sid,di,dmd"
+DEFAULT_METHODS = "emd_simloss_k1,emd_sim,emd,sim,sid,di,dmd"
 # Every figure of the digits evaluator that the tables report (ALGORITHMS.md section 8): two feature
 # spaces (the shipped classifier; a pixel-space PCA of the real digits, independent of it).
 METRICS = (
