@@ -55,7 +55,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.loss.huber_c = 0.1
   c.loss.noise = noise(-2.0, 1.5)  # generator noise levels
   # Few-step students (N > 1 only): the default grid's last level. At 0.2 the last step cannot move
-  # mass between modes 0.77 apart (2 steps: TV 0.028); at 0.5 it can (TV 0.0125, off-mode 1.6%, ahead
+  # mass between modes 0.77 apart (2 steps: TV 0.028); at 0.5 it can (one seed: TV 0.0125, off-mode 1.6%, ahead
   # of the one-step student; docs/gmm_results.md "Few-step students").
   c.generator.sigma_min = 0.5
 
