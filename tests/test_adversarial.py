@@ -300,6 +300,35 @@ def test_sharded_step_equals_single_device_with_the_term():
       assert rel_err(a, b) < 1e-4, (shape, name, rel_err(a, b))
 
 
+def test_head_lr_sets_the_heads_step_and_nothing_else():
+  """`adv.head_lr` gives the discriminator head its own Adam: with b1 = 0 Adam's first update of a
+  parameter is lr * g / (|g| + eps) (bias-corrected), so every head parameter with a gradient well above
+  eps moves by head_lr, not fake.lr, while the fake network's update is the one without it, bit for
+  bit (the generator's term reads the updated head, so its update may differ). A head still on the fake
+  optimizer, or a head_lr that leaks into the fake network's optimizer, fails."""
+  base = adv_setup(record=False)
+  fast = adv_setup(record=False, **{"adv.head_lr": 1e-2})
+  fake_lr = float(adv_config().fake.lr)
+  assert fake_lr <= 1e-3  # ten times below head_lr, so the two steps cannot be confused
+  assert base.tx_disc is None and fast.tx_disc is not None
+  state, plain, _ = one_step(base)
+  state2, quick, _ = one_step(fast)
+  assert_trees_equal(state.disc_params, state2.disc_params)
+  assert_trees_equal(plain.fake_params, quick.fake_params)
+  for old, new_fast, new_base in zip(
+    jax.tree.leaves(state.disc_params), jax.tree.leaves(quick.disc_params), jax.tree.leaves(plain.disc_params)
+  ):
+    moved, moved_base = np.abs(new_fast - old), np.abs(new_base - old)
+    ok = moved > 0
+    assert ok.mean() > 0.5
+    # lr * g / (|g| + eps): exactly head_lr up to Adam's eps, which shortens the step of a parameter
+    # whose gradient is within a few hundred eps of zero.
+    assert float(moved.max()) <= 1e-2 * (1 + 1e-5)
+    np.testing.assert_allclose(np.median(moved[ok]), 1e-2, rtol=1e-3)
+    assert np.mean(moved[ok] > 0.99e-2) > 0.8
+    assert float(moved_base.max()) <= fake_lr * (1 + 1e-5)  # the fake optimizer's own step
+
+
 # ----------------------------------------------------------------------------
 # (f) Config errors, before any compute.
 
@@ -312,6 +341,7 @@ def test_sharded_step_equals_single_device_with_the_term():
     ({"data.name": "digits"}, "data.name"),  # image data for the vector (gmm) teacher
     ({"data.name": "gmm", "loss.adv_weight": -1.0}, "loss.adv_weight"),
     ({"data.name": "gmm", "adv.r1_weight": -1.0}, "adv.r1_weight"),
+    ({"data.name": "gmm", "adv.head_lr": 0.0}, "adv.head_lr"),
     ({"data.name": "gmm", "adv.sigma.sigma_min": 0.0}, "adv.sigma.sigma_min"),
   ],
 )

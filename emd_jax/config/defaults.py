@@ -124,6 +124,10 @@ def distill_config() -> ml_collections.ConfigDict:
   c.adv.sigma = noise(-1.2, 1.2)
   c.adv.r1_weight = 0.0  # R1 penalty r1_weight / 2 * ||grad_x D(real_t)||^2 in the fake update
   c.adv.head_hidden = 64
+  # The head's learning rate (its own Adam state, the fake optimizer's other settings); None: fake.lr.
+  # The head is trained only by the discriminator loss, so its weight (fake.adv_weight) does not
+  # scale its steps under Adam: this is what sets how fast the discriminator learns.
+  c.adv.head_lr = config_dict.placeholder(float)
 
   # Real data, read only by the adversarial term (name '' = none: the data-free default). The fields
   # of `emd_jax.data.pipeline` (as the teacher-training job's `data`), or name 'gmm': `num_examples`

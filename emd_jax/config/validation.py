@@ -245,6 +245,8 @@ def _check_adversarial(config) -> None:
   _check_noise(adv.sigma, "adv.sigma")
   _require(adv.r1_weight >= 0, "adv.r1_weight", f"must be >= 0, got {adv.r1_weight}")
   _require(adv.head_hidden >= 1, "adv.head_hidden", f"must be >= 1, got {adv.head_hidden}")
+  head_lr = adv.get("head_lr")
+  _require(head_lr is None or head_lr > 0, "adv.head_lr", f"must be > 0 (unset: fake.lr), got {head_lr}")
   data = config.get("data")
   has_data = data is not None and bool(data.get("name") or data.get("image_folder"))
   _require(

@@ -138,10 +138,11 @@ class Nets:
 
 
 class Txs(NamedTuple):
-  """The generator's and the fake denoiser's optimizers."""
+  """The generator's and the fake denoiser's optimizers, and the adversarial term's head's (None: the fake's)."""
 
   gen: optax.GradientTransformation
   fake: optax.GradientTransformation
+  disc: optax.GradientTransformation | None = None
 
 
 class Draws(NamedTuple):
@@ -341,6 +342,7 @@ def fake_update(
   d: Draws,
   x0: Array | None = None,
   disc: tuple | None = None,
+  tx_disc=None,
 ):
   """`cfg.fake_steps` EDM denoising updates of the fake denoiser on generator samples.
 
@@ -350,9 +352,10 @@ def fake_update(
   recomputes it. Returns `(fake_params, fake_opt_state, FakeStats)`.
 
   `disc = (head_params, head_opt_state)` adds the adversarial term's discriminator loss to each
-  update (the fake network's gradient is the sum; the head has its own state of `tx_fake`) and
-  returns `(fake_params, fake_opt_state, FakeStats, disc)`.
+  update (the fake network's gradient is the sum; the head has its own optimizer state, of `tx_disc`,
+  default `tx_fake`) and returns `(fake_params, fake_opt_state, FakeStats, disc)`.
   """
+  tx_disc = tx_fake if tx_disc is None else tx_disc
   if x0 is not None and cfg.grad_accum_steps != 1:
     raise ValueError("fake_update: x0 is the full batch; it cannot be reused with grad_accum_steps > 1")
 
@@ -384,7 +387,7 @@ def fake_update(
     if disc is None:
       return (params, opt_state), (loss, tree_norm(grads), ok)
     head, head_opt = carry[2]
-    head_updates, head_opt = tx_fake.update(g_head, head_opt, head)
+    head_updates, head_opt = tx_disc.update(g_head, head_opt, head)
     head = optax.apply_updates(head, head_updates)
     ok = ok & jnp.isfinite(adv_loss) & all_finite(g_head)
     return (params, opt_state, (head, head_opt)), (loss, tree_norm(grads), ok, adv_loss)
@@ -553,7 +556,7 @@ def train_step(
   disc = (state.disc_params, state.disc_opt_state) if cfg.adv.on else None
   with jax.named_scope("fake_update"):
     fake_params, fake_opt_state, fake, *new_disc = fake_update(
-      cfg, nets, txs.fake, state.gen_params, state.fake_params, state.fake_opt_state, d, x0, disc
+      cfg, nets, txs.fake, state.gen_params, state.fake_params, state.fake_opt_state, d, x0, disc, txs.disc
     )
 
   # 3-4. E-step and M-step with the new fake denoiser, accumulated over micro-batches.
@@ -617,6 +620,7 @@ def make_train_step(
   tx_fake: optax.GradientTransformation,
   batch_sharding=None,
   disc_apply: Callable | None = None,
+  tx_disc: optax.GradientTransformation | None = None,
 ) -> Callable[[DistillState, object], tuple[DistillState, dict]]:
   """`train_step` with its static arguments bound: `step(state, teacher_params) -> (state, metrics)`.
 
@@ -627,7 +631,7 @@ def make_train_step(
   `step(state, teacher_params, real_batch)`.
   """
   nets = Nets.build(cfg.remat, net_apply, teacher_apply, disc_apply)
-  txs = Txs(tx_gen, tx_fake)
+  txs = Txs(tx_gen, tx_fake, tx_disc)
 
   if cfg.adv.on:
 

@@ -45,6 +45,7 @@ class DistillSetup:
   tx_fake: object
   evaluator: object = None  # built once from config.eval (evaluators.registry); None: no scores
   gather: str = "per_layer"  # config.mesh.gather (runtime.fsdp)
+  tx_disc: object = None  # the adversarial head's optimizer (adv.head_lr); None: tx_fake
 
   def net_apply(self, params, x, sigma, labels=None):
     return self.module.apply({"params": params}, x, sigma, labels)
@@ -157,7 +158,21 @@ def build_setup(config, teacher: Teacher | None = None) -> DistillSetup:
   tx_gen = make_optimizer(config.generator, config.total_steps)
   tx_fake = make_optimizer(config.fake, config.total_steps)
   evaluator = build_evaluator(config, teacher)
-  return DistillSetup(teacher, spec, module, step_cfg, tx_gen, tx_fake, evaluator, fsdp.gather_mode(config))
+  return DistillSetup(
+    teacher, spec, module, step_cfg, tx_gen, tx_fake, evaluator, fsdp.gather_mode(config), disc_optimizer(config)
+  )
+
+
+def disc_optimizer(config):
+  """The adversarial head's optimizer: the fake denoiser's (`config.fake`) at `adv.head_lr`; None (the fake's
+  own, `tx_fake`) when the term is off or `adv.head_lr` is unset."""
+  adv = config.get("adv")
+  head_lr = None if adv is None else adv.get("head_lr")
+  if head_lr is None or not adv_spec(config).on:
+    return None
+  cfg = ml_collections.ConfigDict(config.fake.to_dict())
+  cfg.lr = float(head_lr)
+  return make_optimizer(cfg, config.total_steps)
 
 
 def adv_spec(config) -> adversarial.AdvSpec:
@@ -219,7 +234,7 @@ def with_disc(setup: DistillSetup, state: DistillState, key) -> DistillState:
     return state
   t = setup.teacher
   head = adversarial.init_head(key, setup.net_features, state.fake_params, t.data_shape, t.num_classes, adv.head_hidden)
-  return state.replace(disc_params=head, disc_opt_state=setup.tx_fake.init(head))
+  return state.replace(disc_params=head, disc_opt_state=(setup.tx_disc or setup.tx_fake).init(head))
 
 
 def student_grid(config) -> tuple[float, ...]:
@@ -420,6 +435,7 @@ def _make_step(setup: DistillSetup, mesh):
     setup.tx_fake,
     parallel.batch_sharding(mesh),
     setup.disc_apply(),
+    setup.tx_disc,
   )
 
 
