@@ -180,7 +180,9 @@ def main():
     "Held-out accuracy of the term's discriminator (0.5 = chance) at each input noise level, its training loss",
     "(2 ln 2 = 1.386 at chance), and clean-pixel classifiers' 5-fold accuracy on the 8x8 crop.",
     "",
-    "| source | " + " | ".join(f"acc @ sigma {s}" for s in LEVELS) + " | loss first / last | pixel logistic | pixel MLP |",
+    "| source | "
+    + " | ".join(f"acc @ sigma {s}" for s in LEVELS)
+    + " | loss first / last | pixel logistic | pixel MLP |",
     "|---|" + "---|" * (len(LEVELS) + 3),
   ]
   for r in rows:
@@ -188,7 +190,8 @@ def main():
     lines.append(
       f"| {r['source']} | "
       + " | ".join(f"{a[str(s)]:.3f}" for s in LEVELS)
-      + f" | {r['loss_first']:.3f} / {r['loss_last']:.3f} | {r['pixel_cv_acc']['logistic']:.3f} | {r['pixel_cv_acc']['mlp']:.3f} |"
+      + f" | {r['loss_first']:.3f} / {r['loss_last']:.3f}"
+      + f" | {r['pixel_cv_acc']['logistic']:.3f} | {r['pixel_cv_acc']['mlp']:.3f} |"
     )
   with open(f"{args.out}.md", "w") as f:
     f.write("\n".join(lines) + "\n")

@@ -316,7 +316,10 @@ def test_head_lr_sets_the_heads_step_and_nothing_else():
   assert_trees_equal(state.disc_params, state2.disc_params)
   assert_trees_equal(plain.fake_params, quick.fake_params)
   for old, new_fast, new_base in zip(
-    jax.tree.leaves(state.disc_params), jax.tree.leaves(quick.disc_params), jax.tree.leaves(plain.disc_params)
+    jax.tree.leaves(state.disc_params),
+    jax.tree.leaves(quick.disc_params),
+    jax.tree.leaves(plain.disc_params),
+    strict=True,
   ):
     moved, moved_base = np.abs(new_fast - old), np.abs(new_base - old)
     ok = moved > 0
