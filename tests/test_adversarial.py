@@ -132,14 +132,16 @@ def real_batch(n=64):
   return {"image": np.asarray(gmm.sample(t.params, jax.random.PRNGKey(5), n)[0], np.float32)}
 
 
-def one_step(setup, mesh_shape=(1, 1), devices=None, real=None):
-  """`(state, new_state, metrics)` of one step from random student parameters (host arrays)."""
+def one_step(setup, mesh_shape=(1, 1), devices=None, real=None, at_step=0):
+  """`(state, new_state, metrics)` of one step from random student parameters (host arrays), the state's
+  step counter set to `at_step`."""
   key = jax.random.PRNGKey(0)
   params = init_student_params(setup, key)
   n = mesh_shape[0] * mesh_shape[1]
   mesh = parallel.make_mesh({"data": mesh_shape[0], "fsdp": mesh_shape[1]}, devices=devices or jax.devices()[:n])
   step, state_sh, teacher_sh = distill.sharded_step(setup, mesh, distill.abstract_state(setup, key))
   state = jax.device_get(distill.initial_state(setup, key, params))  # host copy: the step donates its input
+  state = state.replace(step=np.asarray(at_step, np.asarray(state.step).dtype))
   args = [jax.device_put(state, state_sh), jax.device_put(setup.teacher.params, teacher_sh)]
   if setup.step_cfg.adv.on:
     real = real_batch() if real is None else real
@@ -332,6 +334,35 @@ def test_head_lr_sets_the_heads_step_and_nothing_else():
     assert float(moved_base.max()) <= fake_lr * (1 + 1e-5)  # the fake optimizer's own step
 
 
+def test_start_step_is_the_data_free_step_before_it_and_the_term_after():
+  """`adv.start_step = n`: at a step below n the step is `sid`'s (generator and fake network, parameters
+  and Adam states) and the head and its optimizer state are untouched; at step n it is the step with
+  the term on from the start. A gate that leaks the term early, freezes the head after n, or tests
+  the wrong counter fails."""
+  gated = adv_setup(record=False, **{"adv.start_step": 5, "total_steps": 10})
+  always = adv_setup(record=False, **{"total_steps": 10})
+  c = gmm_tiny(method="sid", batch_size=64, total_steps=10)
+  distill.validate_distill(c)
+  sid = distill.build_setup(c)
+  assert gated.step_cfg.adv.start_step == 5 and always.step_cfg.adv.start_step == 0
+  for at in (0, 4):
+    s0, before, m = one_step(gated, at_step=at)
+    _, plain, _ = one_step(sid, at_step=at)
+    assert m["adv/on"] == 0.0 and np.isfinite(m["loss/adv_generator"])
+    for name in ("gen_params", "gen_opt_state", "fake_params", "fake_opt_state"):
+      assert_trees_close(getattr(before, name), getattr(plain, name), rtol=1e-6, atol=1e-7)
+    assert_trees_equal(before.disc_params, s0.disc_params)
+    assert_trees_equal(before.disc_opt_state, s0.disc_opt_state)
+  _, after, m = one_step(gated, at_step=5)
+  _, on, _ = one_step(always, at_step=5)
+  _, plain, _ = one_step(sid, at_step=5)
+  assert m["adv/on"] == 1.0
+  for name in ("gen_params", "fake_params", "disc_params", "disc_opt_state"):
+    assert_trees_close(getattr(after, name), getattr(on, name), rtol=1e-6, atol=1e-7)
+  assert not trees_equal(after.disc_params, s0.disc_params)
+  assert rel_err(after.gen_params, plain.gen_params) > 1e-6  # the term changes the step once on
+
+
 # ----------------------------------------------------------------------------
 # (f) Config errors, before any compute.
 
@@ -345,6 +376,8 @@ def test_head_lr_sets_the_heads_step_and_nothing_else():
     ({"data.name": "gmm", "loss.adv_weight": -1.0}, "loss.adv_weight"),
     ({"data.name": "gmm", "adv.r1_weight": -1.0}, "adv.r1_weight"),
     ({"data.name": "gmm", "adv.head_lr": 0.0}, "adv.head_lr"),
+    ({"data.name": "gmm", "adv.start_step": -1}, "adv.start_step"),
+    ({"data.name": "gmm", "adv.start_step": 10_000_000}, "adv.start_step"),
     ({"data.name": "gmm", "adv.sigma.sigma_min": 0.0}, "adv.sigma.sigma_min"),
   ],
 )

@@ -128,6 +128,9 @@ def distill_config() -> ml_collections.ConfigDict:
   # The head is trained only by the discriminator loss, so its weight (fake.adv_weight) does not
   # scale its steps under Adam: this is what sets how fast the discriminator learns.
   c.adv.head_lr = config_dict.placeholder(float)
+  # The term is on from this step (state.step >= start_step); before it the step is the data-free one
+  # (no adversarial gradient, the head kept as initialised), with the discriminator's passes still run.
+  c.adv.start_step = 0
 
   # Real data, read only by the adversarial term (name '' = none: the data-free default). The fields
   # of `emd_jax.data.pipeline` (as the teacher-training job's `data`), or name 'gmm': `num_examples`

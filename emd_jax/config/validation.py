@@ -247,6 +247,17 @@ def _check_adversarial(config) -> None:
   _require(adv.head_hidden >= 1, "adv.head_hidden", f"must be >= 1, got {adv.head_hidden}")
   head_lr = adv.get("head_lr")
   _require(head_lr is None or head_lr > 0, "adv.head_lr", f"must be > 0 (unset: fake.lr), got {head_lr}")
+  start = adv.get("start_step") or 0
+  _require(
+    isinstance(start, int) and start >= 0,
+    "adv.start_step",
+    f"must be an integer >= 0 (0: from the start), got {start!r}",
+  )
+  _require(
+    start == 0 or start < config.total_steps,
+    "adv.start_step",
+    f"is {start} but the run has total_steps={config.total_steps}: the term would never switch on",
+  )
   data = config.get("data")
   has_data = data is not None and bool(data.get("name") or data.get("image_folder"))
   _require(

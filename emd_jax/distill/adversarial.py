@@ -17,6 +17,12 @@ added to whatever the method's row forms (docs/algorithms.md "Adversarial term")
   generator      + loss.adv_weight * softplus(-D(g(z)_t))  (non-saturating), differentiated in x0
                  only, so it reaches the generator through the M-step's VJP and never the
                  discriminator (nor the teacher).
+  switch-on      `adv.start_step = n > 0`: the first n steps are the data-free step (the term's
+                 gradients are zero, the head and its optimizer state stay as initialised; DMD2 and
+                 SiDA start their GAN terms on a student that is already close), the term is on from
+                 the step whose `state.step` is n. A select, not a branch: the discriminator's passes
+                 are computed (and the real data read) from the first step, so the switch-on does not
+                 recompile and a resume stays exact.
 
 Pure functions of given randomness: `add_draws` draws everything for the batch first, into fields
 of `step.Draws`, so micro-batch accumulation slices it like the rest.
@@ -45,6 +51,7 @@ class AdvSpec:
   r1_weight: float = 0.0  # adv.r1_weight: R1 penalty on noised real inputs
   sigma: NoiseDist = NoiseDist()  # adv.sigma: noise levels of the discriminator's inputs
   head_hidden: int = 64  # adv.head_hidden: width of the head's hidden layer
+  start_step: int = 0  # adv.start_step: the term is on from this step (state.step >= start_step)
 
   @property
   def on(self) -> bool:
@@ -161,6 +168,13 @@ def frozen_disc(disc_apply: Callable, fake_params, head_params) -> Callable:
   """`disc_fn(x_t, sigma, labels)` with the discriminator's parameters stopped (the generator's view)."""
   fp, hp = jax.lax.stop_gradient(fake_params), jax.lax.stop_gradient(head_params)
   return lambda x, sg, lab: disc_apply(fp, hp, x, sg, lab)
+
+
+def gate(on: Array | None, new, old):
+  """`new` where the term is on (`on`, a traced bool; None: always on), else `old`, leaf by leaf."""
+  if on is None:
+    return new
+  return jax.tree.map(lambda a, b: jnp.where(on, a, b), new, old)
 
 
 def add_draws(cfg, key: Array, d, real: dict):

@@ -343,6 +343,7 @@ def fake_update(
   x0: Array | None = None,
   disc: tuple | None = None,
   tx_disc=None,
+  adv_on: Array | None = None,
 ):
   """`cfg.fake_steps` EDM denoising updates of the fake denoiser on generator samples.
 
@@ -353,7 +354,9 @@ def fake_update(
 
   `disc = (head_params, head_opt_state)` adds the adversarial term's discriminator loss to each
   update (the fake network's gradient is the sum; the head has its own optimizer state, of `tx_disc`,
-  default `tx_fake`) and returns `(fake_params, fake_opt_state, FakeStats, disc)`.
+  default `tx_fake`) and returns `(fake_params, fake_opt_state, FakeStats, disc)`. `adv_on` (a traced
+  bool, None: on) gates it (`adv.start_step`): off, the fake network's gradient is the DSM one and the
+  head and its optimizer state are kept.
   """
   tx_disc = tx_fake if tx_disc is None else tx_disc
   if x0 is not None and cfg.grad_accum_steps != 1:
@@ -375,6 +378,7 @@ def fake_update(
       adv_loss, (g_net, g_head), _ = adversarial.disc_loss_and_grads(
         cfg.adv, nets.disc_apply, params, carry[2][0], part, s, x
       )
+      g_net = adversarial.gate(adv_on, g_net, jax.tree.map(jnp.zeros_like, g_net))
       return out[0], jax.tree.map(jnp.add, out[1], g_net), adv_loss, g_head
 
     if disc is None:
@@ -387,8 +391,8 @@ def fake_update(
     if disc is None:
       return (params, opt_state), (loss, tree_norm(grads), ok)
     head, head_opt = carry[2]
-    head_updates, head_opt = tx_disc.update(g_head, head_opt, head)
-    head = optax.apply_updates(head, head_updates)
+    head_updates, new_head_opt = tx_disc.update(g_head, head_opt, head)
+    head, head_opt = adversarial.gate(adv_on, (optax.apply_updates(head, head_updates), new_head_opt), (head, head_opt))
     ok = ok & jnp.isfinite(adv_loss) & all_finite(g_head)
     return (params, opt_state, (head, head_opt)), (loss, tree_norm(grads), ok, adv_loss)
 
@@ -457,6 +461,7 @@ def generator_grads(
   x0=None,
   gen_vjp=None,
   disc_params=None,
+  adv_on: Array | None = None,
 ):
   """`(loss, grads, metrics)` of the M-step (after the E-step, if any) on one (micro-)batch `d`.
 
@@ -464,7 +469,8 @@ def generator_grads(
   The loss depends on `gen_params` only through `x0`: its `dL/dx0` is pulled back through the VJP
   (through a new one at `z_K` when the E-step moved the latent). `grads` has `gen_params`' structure.
   With the adversarial term on (`cfg.adv.gen_weight > 0`), the generator's GAN term at the same `x0`
-  is added to the loss, the discriminator (`fake_params`, `disc_params`) stopped.
+  is added to the loss, the discriminator (`fake_params`, `disc_params`) stopped; `adv_on` (a traced bool,
+  None: on) gates it (`adv.start_step`; the logged `loss/adv_generator` is the ungated value).
   """
   teacher_fn, fake_fn = _denoisers(nets, fake_params, teacher_params, d.labels)
   if gen_vjp is None:
@@ -502,7 +508,7 @@ def generator_grads(
     def loss_of_x0(x):
       loss, m = method_loss(x)
       adv = adversarial.gen_term(cfg.adv, disc_fn, x, d.adv_gen_sigma, d.adv_gen_noise, d.labels)
-      return loss + adv, {**m, "loss/adv_generator": adv}
+      return loss + adversarial.gate(adv_on, adv, jnp.zeros_like(adv)), {**m, "loss/adv_generator": adv}
 
   with jax.named_scope("mstep_loss"):
     (loss, loss_metrics), dx0 = jax.value_and_grad(loss_of_x0, has_aux=True)(x0)
@@ -554,9 +560,11 @@ def train_step(
 
   # 2. Fake-denoiser updates on generator samples.
   disc = (state.disc_params, state.disc_opt_state) if cfg.adv.on else None
+  # The term's switch-on (`adv.start_step`): a traced bool, None when it is on from the first step.
+  adv_on = state.step >= cfg.adv.start_step if cfg.adv.on and cfg.adv.start_step else None
   with jax.named_scope("fake_update"):
     fake_params, fake_opt_state, fake, *new_disc = fake_update(
-      cfg, nets, txs.fake, state.gen_params, state.fake_params, state.fake_opt_state, d, x0, disc, txs.disc
+      cfg, nets, txs.fake, state.gen_params, state.fake_params, state.fake_opt_state, d, x0, disc, txs.disc, adv_on
     )
 
   # 3-4. E-step and M-step with the new fake denoiser, accumulated over micro-batches.
@@ -567,7 +575,16 @@ def train_step(
   with jax.named_scope("generator_grads"):
     g_loss, g_grads, metrics = accumulate(
       lambda part: generator_grads(
-        cfg, nets, gen_params, fake_params, teacher_params, part, x0, gen_vjp, new_disc[0][0] if disc else None
+        cfg,
+        nets,
+        gen_params,
+        fake_params,
+        teacher_params,
+        part,
+        x0,
+        gen_vjp,
+        new_disc[0][0] if disc else None,
+        adv_on,
       ),
       d,
       cfg.grad_accum_steps,
@@ -595,6 +612,8 @@ def train_step(
   if disc is not None:
     new = new.replace(disc_params=new_disc[0][0], disc_opt_state=new_disc[0][1])
     metrics["loss/disc"] = jnp.mean(fake.disc_loss)
+    if adv_on is not None:
+      metrics["adv/on"] = adv_on.astype(jnp.float32)
   with jax.named_scope("nonfinite_guard"):
     kept, guard_metrics = guarded_update(ok, new, state)
   metrics.update(

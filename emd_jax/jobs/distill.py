@@ -188,6 +188,7 @@ def adv_spec(config) -> adversarial.AdvSpec:
     r1_weight=float(adv.r1_weight),
     sigma=noise_dist_from_config(adv.sigma),
     head_hidden=int(adv.head_hidden),
+    start_step=int(adv.get("start_step") or 0),
   )
 
 
