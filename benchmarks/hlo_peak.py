@@ -161,10 +161,12 @@ def report(
         "op_name": op,
       }
     )
-  by_kind, by_part = collections.Counter(), collections.Counter()
+  by_kind, by_part, by_kind_part = collections.Counter(), collections.Counter(), collections.Counter()
   for r in rows:
+    part = r["part"] if r["kind"] != "argument" else "(arguments)"
     by_kind[r["kind"]] += r["bytes"]
-    by_part[r["part"] if r["kind"] != "argument" else "(arguments)"] += r["bytes"]
+    by_part[part] += r["bytes"]
+    by_kind_part[f"{r['kind']} | {part}"] += r["bytes"]
   return {
     "peak_position": at,
     "total_bytes": sum(r["bytes"] for r in rows),
@@ -172,6 +174,7 @@ def report(
     "allocated_bytes": allocated_bytes,
     "by_kind": dict(by_kind.most_common()),
     "by_part": dict(by_part.most_common()),
+    "by_kind_part": dict(by_kind_part.most_common()),
     "buffers": sorted(rows, key=lambda r: -r["bytes"]),
   }
 
@@ -189,6 +192,12 @@ def markdown(rep: dict, top: int = 25) -> str:
   out += [f"| {k} | {v / gib:.2f} | {v / total:.0%} |" for k, v in rep["by_kind"].items()]
   out += ["", "| step part (named scope) | GiB | share |", "|---|---|---|"]
   out += [f"| {k} | {v / gib:.2f} | {v / total:.0%} |" for k, v in rep["by_part"].items() if v / total >= 0.005]
+  out += ["", "| kind | step part | MiB |", "|---|---|---|"]
+  out += [
+    f"| {k} | {v / 2**20:.1f} |"
+    for k, v in rep.get("by_kind_part", {}).items()
+    if k.split(" | ")[0] != "activation" and v >= 2**20 / 10
+  ]
   out += ["", f"The {top} largest buffers:", "", "| buffer | shape | kind | GiB | op_name |", "|---|---|---|---|---|"]
   for r in rep["buffers"][:top]:
     op = r["op_name"].removeprefix("jit(step)/")

@@ -202,7 +202,11 @@ def peak_of(dump_dir: str, teacher: Teacher, teacher_sh, batch: int, allocated: 
   shard = [tuple(sh.shard_shape(x.shape)) for x, sh in zip(leaves, shardings, strict=True)]
   with open(hlo) as f, open(live) as g:
     rep = hlo_peak.report(f.read(), g.read(), full, shard, batch, allocated)
-  rep["buffers"] = rep["buffers"][:60]  # the largest; the totals cover all
+  # The 60 largest, and every buffer of 64 KiB or more that is not an activation (weights, their shards and
+  # gradients: what differs between meshes); the totals cover all.
+  rep["buffers"] = [
+    b for i, b in enumerate(rep["buffers"]) if i < 60 or (b["kind"] != "activation" and b["bytes"] >= 2**16)
+  ]
   return rep
 
 
