@@ -2,7 +2,7 @@
 
 Each variant is `configs/gmm.py` with dotted config overrides. During training
 the loop's evaluations (every `--eval_every` steps) are recorded; at the end the
-EMA and the raw generator are each scored on `--sample_sets` sets of
+EMA, the raw generator and each `generator.ema_tracks` track are scored on `--sample_sets` sets of
 `--num_samples` samples with the exact mixture figures
 (`emd_jax.evaluators.gmm.gmm_metrics`), next to two reference rows on as many
 sets: the teacher's 18-step Heun samples (35 NFE) and exact mixture samples.
@@ -60,7 +60,7 @@ def markdown(refs: list[dict], rows: list[dict], settings: dict) -> str:
   for r in refs:
     lines.append(f"| {r['name']} | | | | | " + " | ".join(cell(r, k, f) for _, k, f in FIGURES) + " |")
   for r in rows:
-    for which in ("ema", "raw"):
+    for which in r.get("scored", ("ema", "raw")):
       if which in r:
         lines.append(
           f"| {r['name']} | `{json.dumps(r['overrides'])}` | {r['steps']} | {r['seconds']:.0f} | {which} | "
@@ -127,7 +127,10 @@ def main() -> None:
       "seconds": seconds,
       "trajectory": trajectory,
     }
-    for which, p in (("ema", state.gen_ema), ("raw", state.gen_params)):
+    # The EMA, the raw generator and every `generator.ema_tracks` track, each on the same sample sets.
+    scored = [("ema", state.gen_ema), ("raw", state.gen_params), *sorted((state.gen_ema_tracks or {}).items())]
+    row["scored"] = [which for which, _ in scored]
+    for which, p in scored:
 
       def fn(k, p=p, su=setup):
         z = su.step_cfg.sigma_init * jax.random.normal(k, (n, *su.teacher.data_shape))

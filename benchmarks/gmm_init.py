@@ -28,17 +28,13 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.gmm_fidelity import FIGURES as FIDELITY_FIGURES  # noqa: E402
 from configs.gmm import get_config  # noqa: E402
 from emd_jax.evaluators.gmm import gmm_metrics  # noqa: E402
 from emd_jax.teachers import gmm  # noqa: E402
 
-FIGURES = (
-  ("off-mode", "gmm/off_mode_fraction", "{:.4f}"),
-  ("basin spread", "gmm/basin_spread_ratio", "{:.3f}"),
-  ("core spread", "gmm/spread_ratio", "{:.3f}"),
-  ("mode-mass TV", "gmm/mode_mass_tv", "{:.4f}"),
-  ("SW-1", "gmm/sliced_wasserstein", "{:.4f}"),
-)
+# The figures of gmm_fidelity.py, under the evaluator's own `gmm/` keys.
+FIGURES = tuple((label, "gmm/" + key, fmt) for label, key, fmt in FIDELITY_FIGURES)
 
 
 def score_level(params: dict, sigma: float, num: int, sets: int) -> dict:
