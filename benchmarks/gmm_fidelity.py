@@ -128,7 +128,7 @@ def main() -> None:
       "trajectory": trajectory,
     }
     # The EMA, the raw generator and every `generator.ema_tracks` track, each on the same sample sets.
-    scored = [("ema", state.gen_ema), ("raw", state.gen_params), *sorted((state.gen_ema_tracks or {}).items())]
+    scored = [("ema", state.gen_ema), ("raw", state.gen_params), *sorted(state.gen_ema_tracks.items())]
     row["scored"] = [which for which, _ in scored]
     for which, p in scored:
 
