@@ -115,6 +115,17 @@ class NoiseDist:
     grid = karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.rho)[:-1]
     return grid[jax.random.randint(rng, shape, 0, self.num_steps)]
 
+  def quantile(self, u: Array) -> Array:
+    """The sigma at probability `u` in (0, 1) (the inverse CDF; `sample` of a uniform `u`)."""
+    if self.kind == "lognormal":
+      sigma = jnp.exp(self.p_mean + self.p_std * jax.scipy.special.ndtri(u))
+      return jnp.clip(sigma, self.sigma_min, self.sigma_max)
+    if self.kind == "loguniform":
+      lo, hi = jnp.log(self.sigma_min), jnp.log(self.sigma_max)
+      return jnp.exp(lo + (hi - lo) * u)
+    grid = karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.rho)[:-1]
+    return grid[jnp.clip(jnp.floor(u * self.num_steps).astype(jnp.int32), 0, self.num_steps - 1)]
+
 
 def noise_dist_from_config(cfg) -> NoiseDist:
   """Builds a `NoiseDist` from an ml_collections section with the same fields."""

@@ -82,6 +82,7 @@ CASES = [
   (["--config.loss.noise.sigma_min=0"], "loss.noise.sigma_min: must be > 0"),
   (["--config.fake.steps_per_gen_step=0"], "fake.steps_per_gen_step: must be >= 1"),
   (["--config.fake.loop=twice"], "fake.loop: must be 'auto', 'unroll' or 'scan', got 'twice'"),
+  (["--config.draws=sobol"], "draws: must be one of ('iid', 'stratified'), got 'sobol'"),
   (["--config.method=sim", "--config.estep.gamma_z_scaling=cubic"], "estep.gamma_z_scaling: must be 'constant' or"),
   (["--config.grad_accum_steps=0"], "grad_accum_steps: must be >= 1, got 0"),
   (["--config.grad_accum_steps=3"], "grad_accum_steps: 3 does not divide batch_size=64 into equal micro-batches"),

@@ -38,6 +38,10 @@ def distill_config() -> ml_collections.ConfigDict:
   c.total_steps = 1000
   c.batch_size = 256
   c.method = "emd_simloss"  # EMD E-step + SIM's loss at its samples (docs/algorithms.md 6.1)
+  # How each step's latents, forward noises and noise levels are drawn: "iid", or "stratified"
+  # (randomised low-discrepancy batches, every draw exact: emd_jax/qmc.py, docs/algorithms.md
+  # "Stratified draws"). E-step chains, labels, few-step and adversarial draws are always i.i.d.
+  c.draws = "iid"
   c.teacher = checkpoint_teacher()
 
   # Student architecture when the teacher is analytic; network teachers give their own.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from emd_jax.distill import methods
 from emd_jax.distill.losses import unknown_name
-from emd_jax.distill.step import FAKE_LOOPS, GAMMA_Z_SCALINGS, GEN_TRAIN_STEPS, REMAT_POLICIES
+from emd_jax.distill.step import DRAWS, FAKE_LOOPS, GAMMA_Z_SCALINGS, GEN_TRAIN_STEPS, REMAT_POLICIES
 from emd_jax.errors import UserInputError
 from emd_jax.runtime.fsdp import GATHER_MODES, gather_mode
 from emd_jax.training.ema import parse_ema_tracks
@@ -169,6 +169,8 @@ def validate_distill(config) -> None:
   scaling = config.estep.gamma_z_scaling
   _require(scaling in GAMMA_Z_SCALINGS, "estep.gamma_z_scaling", f"must be 'constant' or 'sigma2', got {scaling!r}")
   _require(config.schedule in ("ve", "vp"), "schedule", f"must be 've' or 'vp', got {config.schedule!r}")
+  draws = config.get("draws", "iid")
+  _require(draws in DRAWS, "draws", f"must be one of {DRAWS}, got {draws!r}")
   _require(config.generator.sigma_init > 0, "generator.sigma_init", f"must be > 0, got {config.generator.sigma_init}")
   _require(0 <= config.generator.ema_decay < 1, "generator.ema_decay", "must be in [0, 1)")
   try:

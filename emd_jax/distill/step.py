@@ -25,6 +25,7 @@ only, and nothing here checks them again.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from emd_jax import qmc
 from emd_jax.diffusion import NoiseDist, Schedule, expand_to
 from emd_jax.distill import adversarial
 from emd_jax.distill.adversarial import AdvSpec
@@ -58,6 +60,7 @@ REMAT_POLICIES = {
 FAKE_LOOPS = ("auto", "unroll", "scan")
 GAMMA_Z_SCALINGS = ("constant", "sigma2")
 GEN_TRAIN_STEPS = ("uniform", "last")
+DRAWS = ("iid", "stratified")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +109,11 @@ class StepConfig:
   gen_train_step: str = "last"
   # The optional adversarial term on real data (`distill/adversarial.py`); off: the data-free step.
   adv: AdvSpec = AdvSpec()
+  # How the step's latents, forward noises and noise levels are drawn (one of DRAWS): "iid", or
+  # "stratified" (a randomly shifted lattice for the Gaussians, one noise level per 1/B of the
+  # distribution: each draw exact, the batch spread evenly; emd_jax/qmc.py). E-step chains, labels,
+  # few-step and adversarial draws stay i.i.d.
+  draws: str = "iid"
 
   @property
   def gen_steps(self) -> int:
@@ -229,21 +237,54 @@ def draw_randomness(cfg: StepConfig, key: Array, batch_sharding=None) -> Draws:
       "sim_noise": jax.random.normal(kf[1], (cfg.gen_steps - 1, *shape)),
     }
     scale = expand_to(gen_sigma, jnp.zeros(shape))
-  z = constrain(scale * jax.random.normal(k[1], shape))
-  fake_z = z[None]
-  if s > 1:
-    fake_z = jnp.concatenate([fake_z, scale * jax.random.normal(k[5], (s - 1, *shape))])
+  if cfg.draws == "stratified":
+    z, eps, sigma, fake_z, fake_sigma, fake_noise = _stratified_draws(cfg, k, shape)
+    z, eps = constrain(scale * z), constrain(eps)
+    fake_z = jnp.concatenate([z[None], scale * fake_z])
+  else:
+    z = constrain(scale * jax.random.normal(k[1], shape))
+    fake_z = z[None]
+    if s > 1:
+      fake_z = jnp.concatenate([fake_z, scale * jax.random.normal(k[5], (s - 1, *shape))])
+    sigma, eps = cfg.gen_noise.sample(k[2], (b,)), constrain(jax.random.normal(k[3], shape))
+    fake_sigma = jax.vmap(lambda kk: cfg.fake_noise.sample(kk, (b,)))(jax.random.split(k[6], s))
+    fake_noise = jax.random.normal(k[7], (s, *shape))
   return Draws(
     z=z,
     labels=labels,
-    sigma=cfg.gen_noise.sample(k[2], (b,)),
-    eps=constrain(jax.random.normal(k[3], shape)),
+    sigma=sigma,
+    eps=eps,
     chain_keys=jax.random.split(k[4], b),
     fake_z=fake_z,
-    fake_sigma=jax.vmap(lambda kk: cfg.fake_noise.sample(kk, (b,)))(jax.random.split(k[6], s)),
-    fake_noise=jax.random.normal(k[7], (s, *shape)),
+    fake_sigma=fake_sigma,
+    fake_noise=fake_noise,
     **few,
   )
+
+
+def _stratified_draws(cfg: StepConfig, k: Array, shape: tuple[int, ...]):
+  """`draws = "stratified"`: each example's standard normals and noise-level uniforms are the
+  coordinates of one point of a randomly shifted rank-1 lattice (emd_jax/qmc.py), so the batch is
+  even in their joint space, not only in each marginal. The first lattice holds everything the
+  M-step and the first fake update see, `(z, eps, sigma, fake_noise[0], fake_sigma[0])`; each further
+  fake update has its own `(fake_z, fake_noise, fake_sigma)`. Returns `(z, eps, sigma, fake_z[1:],
+  fake_sigma, fake_noise)` (latents unscaled)."""
+  b, s = cfg.batch_size, cfg.fake_steps
+  dim = math.prod(shape[1:])
+
+  def gauss(u):
+    return jnp.reshape(jax.scipy.special.ndtri(u), (b, *shape[1:]))
+
+  u0 = qmc.lattice_uniform(k[1], b, 3 * dim + 2)
+  z, eps, fake_noise0 = (gauss(u0[:, i * dim : (i + 1) * dim]) for i in range(3))
+  sigma, fake_sigma0 = cfg.gen_noise.quantile(u0[:, -2]), cfg.fake_noise.quantile(u0[:, -1])
+  if s == 1:
+    return z, eps, sigma, jnp.zeros((0, *shape)), fake_sigma0[None], fake_noise0[None]
+  u = jax.vmap(lambda kk: qmc.lattice_uniform(kk, b, 2 * dim + 1))(jax.random.split(k[5], s - 1))
+  fake_z = jax.vmap(lambda v: gauss(v[:, :dim]))(u)
+  fake_noise = jnp.concatenate([fake_noise0[None], jax.vmap(lambda v: gauss(v[:, dim : 2 * dim]))(u)])
+  fake_sigma = jnp.concatenate([fake_sigma0[None], cfg.fake_noise.quantile(u[..., -1])])
+  return z, eps, sigma, fake_z, fake_sigma, fake_noise
 
 
 def generate(cfg: StepConfig, nets: Nets, gen_params, z: Array, d: Draws, through_steps: bool = False) -> Array:

@@ -153,6 +153,7 @@ def build_setup(config, teacher: Teacher | None = None) -> DistillSetup:
     gen_sigmas=gen_sigmas if len(gen_sigmas) > 2 else (),
     gen_backprop=bool(config.generator.get("backprop_steps", False)),
     gen_train_step=config.generator.get("train_step", "last"),
+    draws=config.get("draws", "iid"),
     adv=adv_spec(config),
   )
   tx_gen = make_optimizer(config.generator, config.total_steps)
