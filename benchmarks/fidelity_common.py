@@ -26,7 +26,8 @@ def train_recording(config, workdir: str, pick: Callable[[dict], dict]) -> tuple
 
   def recording(cfg, setup, params, rng, step=None, workdir=None):
     scalars, images = original(cfg, setup, params, rng, step=step, workdir=workdir)
-    trajectory.append({"step": int(step or 0), **pick(scalars)})
+    if step is not None:  # the EMA's evaluation; the `generator.ema_tracks` ones come without a step
+      trajectory.append({"step": int(step), **pick(scalars)})
     return scalars, images
 
   train_lib.evaluate = recording
