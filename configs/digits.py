@@ -60,6 +60,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.name = "digits"
   c.data.resolution = 16  # the 8x8 digits padded like the teacher's training data
 
+  # The GMM's sigma_init 1.0 (a generator that starts nearer the modes) is no gain here: over two
+  # training seeds recall 0.917 vs 0.916, pixel KID 1.98x vs 1.92x, classifier FD 0.99x vs 0.96x
+  # (docs/digits.md "Training seeds for sigma_init").
   c.generator.sigma_init = 2.5
   # Generator noise levels lognormal(-2, 2) instead of the fake denoiser's (-1.2, 1.2): more weight
   # on small sigma, where the one-step samples' grain shows. FD 21.2 -> 15.9 for emd_sim at 400 steps
