@@ -109,9 +109,7 @@ class NoiseDist:
       sigma = jnp.exp(self.p_mean + self.p_std * n)
       return jnp.clip(sigma, self.sigma_min, self.sigma_max)
     if self.kind == "loguniform":
-      u = jax.random.uniform(rng, shape)
-      lo, hi = jnp.log(self.sigma_min), jnp.log(self.sigma_max)
-      return jnp.exp(lo + (hi - lo) * u)
+      return self.quantile(jax.random.uniform(rng, shape))
     grid = karras_sigmas(self.num_steps, self.sigma_min, self.sigma_max, self.rho)[:-1]
     return grid[jax.random.randint(rng, shape, 0, self.num_steps)]
 
