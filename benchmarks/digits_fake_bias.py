@@ -12,6 +12,8 @@ measures, for a run's newest checkpoint and at a grid of noise levels:
   error, the scale `fake_bias` should be compared with);
 - `noise_floor`: the norm a zero-mean estimate would show from the finite sample alone;
 - the cosines of the fake's bias and the teacher's pull with the generators' mean offset from the real mean;
+- `cos_teacher_error_real_ema_offset`: whether the EMA generator's offset is the teacher's own first-moment
+  error on the real digits (a student that matches the teacher's scores inherits it);
 - `di_mean_dir`: |E[D_teacher(x_t) - D_fake(x_t)]|, the mean of the direction a Diff-Instruct-type update
   gives the generator at that level (the teacher's pull less the fake's bias).
 
@@ -126,6 +128,7 @@ def main() -> None:
         "cos_fake_bias_ema_offset": cos(fb, offsets["ema"]),
         "cos_teacher_pull_ema_offset": cos(tp, offsets["ema"]),
         "cos_teacher_pull_fake_bias": cos(tp, fb),
+        "cos_teacher_error_real_ema_offset": cos(tr, offsets["ema"]),
       }
       out.append(row)
       print(json.dumps(row), flush=True)

@@ -62,6 +62,9 @@ def main() -> None:
   ap.add_argument(
     "--tracks", default="ema,raw", help="the checkpoint's generators: raw, ema, generator.ema_tracks names"
   )
+  ap.add_argument(
+    "--tracks_from_export", action="store_true", help="score each run's final export (W/export) as its `ema` track"
+  )
   ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_mean_offset"))
   args = ap.parse_args()
   pca = diversity.real_pixel_pca("train", "pad", 16)
@@ -78,7 +81,12 @@ def main() -> None:
   for workdir in workdirs:
     run = os.path.basename(os.path.dirname(os.path.normpath(workdir))) if len(workdirs) > 1 else "student"
     for which in args.tracks.split(","):
-      sampler = load_sampler(export_track(workdir, which, None))
+      if args.tracks_from_export:
+        if which != "ema":
+          raise SystemExit("--tracks_from_export scores the export only: use --tracks ema")
+        sampler = load_sampler(os.path.join(workdir, "export"))
+      else:
+        sampler = load_sampler(export_track(workdir, which, None))
       for i in range(args.sets):
         x = np.asarray(sampler.sample(jax.random.key(200 + i), args.num_samples, batch_size=500))
         f, _ = figures(x, pca, t_mean)

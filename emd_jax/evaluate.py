@@ -89,7 +89,7 @@ def open_run(workdir: str) -> Run:
   if config.get("job", "distill") != "distill":
     ck.close()
     raise UserInputError(f"--workdir {workdir}: a {config.job!r} run; the sweep scores distillation runs")
-  setup = distill.build_setup(config)
+  setup = distill.build_setup(config, measure_correction=False)  # the sweep never calls the teacher
   diff = fingerprint_diff(meta.get("fingerprint"), distill.config_fingerprint(config, setup))
   if diff:
     ck.close()

@@ -102,6 +102,18 @@ def distill_config() -> ml_collections.ConfigDict:
   # fake update. None: from the method preset (0 = off for the data-free rows; sida, dmd2, emd_sim_adv).
   c.fake.adv_weight = config_dict.placeholder(float)
 
+  # The teacher's first-moment (Tweedie) error, measured once before training on its own Heun samples
+  # and subtracted from its denoiser (emd_jax/teachers/mean_correction.py, docs/algorithms.md 6.5):
+  # "none" or "teacher_samples". Unconditional network teachers; costs one sampling run at setup.
+  c.mean_correction = ml_collections.ConfigDict()
+  c.mean_correction.mode = "none"
+  c.mean_correction.num_samples = 2000
+  c.mean_correction.heun_steps = 18
+  c.mean_correction.sigmas = (0.02, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0, 2.0, 5.0, 20.0, 80.0)
+  # A table measured before (a run's `W/mean_correction.npz`): used as is, nothing measured. "": measure
+  # at the first start and keep it in the workdir (a resume reads it back: exact resume).
+  c.mean_correction.table = ""
+
   c.estep = ml_collections.ConfigDict()
   c.estep.num_steps = config_dict.placeholder(int)  # None: from the method preset
   c.estep.gamma_eps = 0.3

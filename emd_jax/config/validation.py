@@ -32,6 +32,30 @@ def _require(cond: bool, field: str, message: str) -> None:
     raise ConfigError(field, message)
 
 
+def _check_mean_correction(config) -> None:
+  from emd_jax.teachers.mean_correction import MODES
+
+  mc = config.get("mean_correction")
+  if mc is None:
+    return
+  _require(mc.mode in MODES, "mean_correction.mode", f"unknown mode {mc.mode!r}; known: {list(MODES)}")
+  if mc.mode == "none":
+    return
+  _require(
+    config.teacher.kind == "checkpoint",
+    "mean_correction.mode",
+    "measures a network teacher's error; an analytic (gmm) teacher is exact: use 'none'",
+  )
+  _require(mc.num_samples >= 2, "mean_correction.num_samples", f"must be >= 2, got {mc.num_samples}")
+  _require(mc.heun_steps >= 1, "mean_correction.heun_steps", f"must be >= 1, got {mc.heun_steps}")
+  s = [float(v) for v in mc.sigmas]
+  _require(
+    len(s) >= 2 and s[0] > 0 and all(b > a for a, b in zip(s, s[1:], strict=False)),
+    "mean_correction.sigmas",
+    f"must be at least two increasing positive levels, got {s}",
+  )
+
+
 def _check_noise(cfg, prefix: str) -> None:
   _require(
     cfg.kind in ("lognormal", "loguniform", "edm_steps"), f"{prefix}.kind", f"unknown noise distribution {cfg.kind!r}"
@@ -195,6 +219,7 @@ def validate_distill(config) -> None:
   _check_noise(config.fake.noise, "fake.noise")
   _check_noise(config.loss.noise, "loss.noise")
   _check_net(config)
+  _check_mean_correction(config)
   t = config.teacher
   _require(
     t.kind in ("gmm", "checkpoint"), "teacher.kind", f"unknown teacher kind {t.kind!r}; known: 'gmm', 'checkpoint'"

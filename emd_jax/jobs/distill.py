@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from emd_jax import nets, teachers
-from emd_jax.config.validation import validate_distill
+from emd_jax.config.validation import ConfigError, validate_distill
 from emd_jax.diffusion import Schedule, noise_dist_from_config, student_sample, student_sigmas
 from emd_jax.distill import adversarial
 from emd_jax.distill.losses import LossSpec
@@ -111,10 +112,20 @@ def init_score_gap(setup: DistillSetup, batch: int = 2, seed: int = 0) -> float:
   return float(gap(teacher.params))
 
 
-def build_setup(config, teacher: Teacher | None = None) -> DistillSetup:
+def build_setup(
+  config, teacher: Teacher | None = None, measure_correction: bool = True, workdir: str | None = None
+) -> DistillSetup:
+  """Teacher, student network, step config, optimizers and evaluator for a distillation config.
+
+  With `mean_correction.mode` on, the teacher's first-moment error is measured on its own samples
+  here (one sampling run); `measure_correction=False` (tools that never call the teacher, e.g. the
+  checkpoint sweep) only marks the teacher's spec so that the run's fingerprint matches; `workdir`
+  keeps the measured table (`_mean_corrected`).
+  """
   teacher = teachers.from_config(config.teacher) if teacher is None else teacher
   # The teacher computes in the student's dtype: at step 0 (fake = teacher) the score gap is exactly 0.
   teacher = with_compute_dtype(teacher, config.get("compute_dtype"))
+  teacher = _mean_corrected(config, teacher, measure_correction, workdir)
   spec = student_spec(config, teacher)
   module = nets.build(spec)
   loss = LossSpec(
@@ -162,6 +173,47 @@ def build_setup(config, teacher: Teacher | None = None) -> DistillSetup:
   return DistillSetup(
     teacher, spec, module, step_cfg, tx_gen, tx_fake, evaluator, fsdp.gather_mode(config), disc_optimizer(config)
   )
+
+
+MEAN_CORRECTION_FILE = "mean_correction.npz"
+
+
+def _mean_corrected(config, teacher: Teacher, measure: bool, workdir: str | None) -> Teacher:
+  """The teacher with its first-moment error removed when `mean_correction.mode` asks for it.
+
+  The table comes from `mean_correction.table` if set, else from `workdir`'s `mean_correction.npz`
+  (a resumed run: exactly the table it started with), else it is measured here and written there.
+  """
+  mc = config.get("mean_correction")
+  if mc is None or mc.mode == "none":
+    return teacher
+  from emd_jax.teachers import mean_correction
+
+  if teacher.num_classes:
+    raise ConfigError(
+      "mean_correction.mode", "is measured unconditionally: not for a class-conditional teacher (use 'none')"
+    )
+  if not measure:
+    return dataclasses.replace(teacher, spec=mean_correction.marked_spec(teacher.spec))
+  shape = tuple(teacher.data_shape)
+  saved = os.path.join(workdir, MEAN_CORRECTION_FILE) if workdir else None
+  source = mc.get("table", "") or (saved if saved and paths.exists(saved) else "")
+  if source:
+    tab = mean_correction.load_table(source, shape)
+    how = f"read from {source}"
+  else:
+    t0 = time.perf_counter()
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x7EED1E)
+    batch = config.get("eval", {}).get("batch_size", 500)
+    tab = mean_correction.measure(teacher, key, mc.num_samples, mc.heun_steps, mc.sigmas, batch_size=batch)
+    how = f"measured on {mc.num_samples} of its Heun-{mc.heun_steps} samples in {time.perf_counter() - t0:.0f} s"
+    if saved:
+      paths.makedirs(workdir)
+      mean_correction.save_table(saved, tab)
+  metrics_lib.log_line(
+    f"mean_correction: the teacher's first-moment error ({how}), by sigma: {mean_correction.summary(tab)}"
+  )
+  return mean_correction.with_mean_correction(teacher, tab["sigmas"], tab["table"])
 
 
 def disc_optimizer(config):
@@ -484,9 +536,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, teacher:
   """
   config = ml_collections.ConfigDict(config)  # private, unlocked copy
   validate_distill(config)
-  setup = build_setup(config, teacher)  # loads and checks the teacher: a bad one leaves no workdir behind
-  if setup.teacher.spec.get("kind") == "network":
-    gap = init_score_gap(setup)
+  setup = build_setup(config, teacher, workdir=workdir)  # loads and checks the teacher first
+  if setup.teacher.spec.get("kind") == "network" and not setup.teacher.spec.get("mean_correction"):
+    gap = init_score_gap(setup)  # with the mean correction fake and teacher differ at step 0 by design
     metrics_lib.log_line(f"health/score_gap at step 0 (fake = teacher, {config.compute_dtype}): {gap:.3g}")
     if gap != 0.0:
       logging.warning("teacher and fake denoiser disagree at step 0 (score gap %.3g): different compute dtypes?", gap)
