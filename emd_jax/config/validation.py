@@ -33,7 +33,7 @@ def _require(cond: bool, field: str, message: str) -> None:
 
 
 def _check_mean_correction(config) -> None:
-  from emd_jax.teachers.mean_correction import MODES
+  from emd_jax.teachers.mean_correction import MODES, levels_problem
 
   mc = config.get("mean_correction")
   if mc is None:
@@ -48,12 +48,8 @@ def _check_mean_correction(config) -> None:
   )
   _require(mc.num_samples >= 2, "mean_correction.num_samples", f"must be >= 2, got {mc.num_samples}")
   _require(mc.heun_steps >= 1, "mean_correction.heun_steps", f"must be >= 1, got {mc.heun_steps}")
-  s = [float(v) for v in mc.sigmas]
-  _require(
-    len(s) >= 2 and s[0] > 0 and all(b > a for a, b in zip(s, s[1:], strict=False)),
-    "mean_correction.sigmas",
-    f"must be at least two increasing positive levels, got {s}",
-  )
+  problem = levels_problem(mc.sigmas)
+  _require(problem is None, "mean_correction.sigmas", problem or "")
 
 
 def _check_noise(cfg, prefix: str) -> None:

@@ -6,11 +6,13 @@ For the exact denoiser of a distribution p, Tweedie's formula gives, at every no
 
 A trained network only approximately satisfies this; its error `b(sigma) = E[D(x_t, sigma)] - E[x0]` is
 an image per level. Score distillation moves the generator's mean by the average of `D_teacher -
-D_fake` at its samples, so a student that matched the teacher's denoisers exactly would sit where its
-mean is off by about the weighted average of `b` (docs/digits.md "Where the pixel-space KID gap comes
-from": on digits the student's mean offset points along the teacher's own error at sigma ~ 1-2,
-cosine 0.54-0.78). `b` is measured data-free, on the teacher's own Heun samples (so the corrected
-teacher is consistent with the distribution its sampler draws), at a grid of levels, and
+D_fake` at its samples; the hypothesis behind this option is that a student matching the teacher's
+denoisers carries the weighted average of `b` in its mean (on digits the student's mean offset points
+along the teacher's own error at sigma ~ 1-2, cosine 0.54-0.78). Measured, it does not hold: with the
+correction the digits offset stays and the pixel-space distances worsen (docs/digits.md "Removing the
+teacher's error does not remove the offset"), so the option is off by default. `b` is measured
+data-free, on the teacher's own Heun samples (so the corrected teacher is consistent with the
+distribution its sampler draws), at a grid of levels, and
 `D'(x, sigma) = D(x, sigma) - b(sigma)` (log-sigma interpolation, held constant outside the grid)
 replaces the teacher in the distillation step. Unconditional teachers only.
 """
@@ -28,6 +30,14 @@ from emd_jax.teachers.base import Teacher
 Array = jax.Array
 
 MODES = ("none", "teacher_samples")
+
+
+def levels_problem(sigmas) -> str | None:
+  """Why `sigmas` cannot be a table's levels (None when they can: at least two, finite, positive, increasing)."""
+  s = np.asarray(sigmas, np.float64)
+  if s.ndim != 1 or len(s) < 2 or not np.all(np.isfinite(s)) or s[0] <= 0 or np.any(np.diff(s) <= 0):
+    return f"must be at least two increasing positive levels, got {s.tolist()}"
+  return None
 
 
 def first_moment_error(
@@ -73,8 +83,8 @@ def with_mean_correction(teacher: Teacher, sigmas: np.ndarray, table: np.ndarray
   if teacher.num_classes:
     raise ValueError("the mean correction is measured unconditionally: not for a class-conditional teacher")
   sigmas = np.asarray(sigmas, np.float64)
-  if sigmas.ndim != 1 or len(sigmas) < 2 or np.any(np.diff(sigmas) <= 0) or sigmas[0] <= 0:
-    raise ValueError(f"sigmas must be at least two increasing positive levels, got {sigmas.tolist()}")
+  if levels_problem(sigmas):
+    raise ValueError(f"sigmas {levels_problem(sigmas)}")
   if table.shape != (len(sigmas), *teacher.data_shape):
     raise ValueError(f"table has shape {table.shape}, expected {(len(sigmas), *teacher.data_shape)}")
   base = teacher.apply
@@ -96,12 +106,10 @@ def marked_spec(spec: dict) -> dict:
 def measure(
   teacher: Teacher, rng: Array, num_samples: int, heun_steps: int, sigmas, batch_size: int = 500
 ) -> dict[str, np.ndarray]:
-  """The teacher's first-moment error on `num_samples` of its own Heun samples (`heun_steps`), as the
-  arrays `save_table` writes: `sigmas` `[S]`, `table` `[S, *data_shape]`, `noise_floor` `[S]`."""
+  """The (unconditional) teacher's first-moment error on `num_samples` of its own Heun samples
+  (`heun_steps`), as the arrays `save_table` writes: `sigmas` `[S]`, `table` `[S, *data_shape]`, `noise_floor` `[S]`."""
   from emd_jax.sample import sample_teacher
 
-  if teacher.num_classes:
-    raise ValueError("the mean correction is measured unconditionally: not for a class-conditional teacher")
   k_sample, k_err = jax.random.split(rng)
   x0, _ = sample_teacher(teacher, k_sample, num_samples, num_steps=heun_steps, batch_size=batch_size)
   sigmas = np.asarray(sigmas, np.float64)
@@ -150,8 +158,8 @@ def load_table(path: str, data_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
   except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
     raise UserInputError(f"mean_correction table {path}: not a table written by emd_jax ({e})") from None
   s, t = tab["sigmas"], tab["table"]
-  if s.ndim != 1 or len(s) < 2 or not np.all(np.isfinite(s)) or s[0] <= 0 or np.any(np.diff(s) <= 0):
-    raise UserInputError(f"mean_correction table {path}: sigmas must be increasing positive levels, got {s}")
+  if levels_problem(s):
+    raise UserInputError(f"mean_correction table {path}: sigmas {levels_problem(s)}")
   if t.shape != (len(s), *data_shape) or not np.all(np.isfinite(t)):
     raise UserInputError(
       f"mean_correction table {path}: table of shape {t.shape} (finite: {bool(np.all(np.isfinite(t)))}), "
