@@ -1,0 +1,191 @@
+"""Which noise levels set the digits student's mean image? The generator loss's force on it, per level (issue 14).
+
+The one-step digits student's mean image sits a systematic distance from the teacher's (pixel KID ~1.9x
+the teacher's; with the mean removed the KID is at parity: docs/digits.md "The pixel-space KID is the
+mean image"). The generator's mean moves by the average, over the batch's noise levels and samples, of
+the per-sample descent direction -dL/dx0 of its loss. This script measures that average at single
+levels: for a run's checkpoints and each sigma of a grid, it draws the step's own randomness (latents,
+forward noise, E-step chains) with every example at that sigma, runs the configured E-step and M-step
+loss exactly as the train step does (`emd_jax.distill.step`), and reports, on the 64 pixels of the
+centred 8x8 digit,
+
+- `force`: |mean_i -dL_i/dx0_i|, the push on the mean image at this level;
+- `along_offset`: its component along the EMA generator's offset from the teacher's mean image (positive:
+  it pushes the mean further out; negative: it pulls it back);
+- `weighted_along`: `along_offset` times the generator's level density in log sigma (the config's
+  `loss.noise`, per unit log sigma), i.e. this level's share of the step's average push;
+- `cos_offset`: the cosine of the force with that offset; `noise_floor`: the norm the mean of n
+  zero-mean forces would show from the finite sample alone.
+
+At the raw generator's samples (where training evaluates the loss) the pushes balance on average over
+the levels; the profile shows where the mean is pushed out and where it is held. The teacher's mean
+image comes from its Heun samples (the benchmark's teacher row: `--teacher_steps`).
+
+  python benchmarks/digits_mean_force.py --workdir runs/digits_seed1_2.5/emd_simloss_k1 \
+      --out benchmarks/results/digits_mean_force_seed1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from emd_jax.distill import step as step_lib  # noqa: E402
+from emd_jax.distill.losses import generator_loss  # noqa: E402
+from emd_jax.evaluate import open_run, restore_state  # noqa: E402
+from emd_jax.evaluators import diversity  # noqa: E402
+from emd_jax.jobs import distill  # noqa: E402
+from emd_jax.sample import sample_teacher  # noqa: E402
+
+SIGMAS = (0.01, 0.03, 0.1, 0.2, 0.4, 0.7, 1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 80.0)
+
+
+def level_density(noise, sigma: float) -> float:
+  """The generator's level density per unit log sigma (lognormal `loss.noise`; clipping ignored)."""
+  if noise.kind != "lognormal":
+    return float("nan")
+  u = (math.log(sigma) - noise.p_mean) / noise.p_std
+  return math.exp(-0.5 * u * u) / (noise.p_std * math.sqrt(2 * math.pi))
+
+
+def forces(setup, gen_params, fake_params, sigma: float, key, n: int, bs: int) -> np.ndarray:
+  """`[n, 64]` per-sample descent directions -dL_i/dx0_i of the configured loss at level `sigma`."""
+  cfg = setup.step_cfg
+  cfg_b = dataclasses.replace(cfg, batch_size=bs)
+  nets = step_lib.Nets.build("none", setup.net_apply, setup.teacher.apply)
+  tparams = setup.teacher.params
+
+  @jax.jit
+  def one(k):
+    d = step_lib.draw_randomness(cfg_b, k)
+    d = d._replace(sigma=jnp.full_like(d.sigma, sigma))
+    x0 = step_lib.generate(cfg_b, nets, gen_params, d.z, d)
+    teacher_fn, fake_fn = step_lib._denoisers(nets, fake_params, tparams, d.labels)
+    alpha, sig = cfg_b.schedule.alpha_sigma(d.sigma)
+    eps, est = d.eps, None
+    if cfg_b.estep_steps > 0:
+      est = step_lib.run_estep(cfg_b, nets, gen_params, fake_params, tparams, d, x0)
+      eps = est.eps
+
+    def loss_of_x0(x):
+      return generator_loss(
+        cfg_b.loss,
+        x,
+        teacher_fn=teacher_fn,
+        fake_fn=fake_fn,
+        alpha=alpha,
+        sigma=sig,
+        eps=jax.lax.stop_gradient(eps),
+        estep=est,
+        gamma_eps=cfg_b.gamma_eps,
+        num_estep=cfg_b.estep_steps,
+        sigma_data=cfg_b.sigma_data,
+      )[0]
+
+    g = jax.grad(loss_of_x0)(jax.lax.stop_gradient(x0))
+    return -bs * g  # the loss is a batch mean: per-example gradients are B times its gradient
+
+  out = [diversity.digit_pixels(np.asarray(one(jax.random.fold_in(key, i)))) for i in range(n // bs)]
+  return np.concatenate(out)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--workdir", required=True, help="a digits distillation run's directory")
+  ap.add_argument("--steps", default="", help="checkpoint steps to read (default: every saved one)")
+  ap.add_argument("--num_samples", type=int, default=4000, help="samples per level (a multiple of --batch_size)")
+  ap.add_argument("--batch_size", type=int, default=500)
+  ap.add_argument("--teacher_samples", type=int, default=4000)
+  ap.add_argument("--teacher_steps", type=int, default=18, help="Heun steps of the teacher's reference samples")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_mean_force"))
+  args = ap.parse_args()
+
+  run = open_run(args.workdir)
+  setup = run.setup
+  if tuple(setup.teacher.data_shape) != (16, 16, 1):
+    raise SystemExit(f"{args.workdir}: a {setup.teacher.data_shape} teacher; this script reads 16x16 digits runs")
+  if setup.step_cfg.gen_sigmas or setup.step_cfg.adv.gen_weight:
+    raise SystemExit(f"{args.workdir}: one-step students without the adversarial term only")
+  steps = [int(s) for s in args.steps.split(",")] if args.steps else list(run.steps)
+  missing = sorted(set(steps) - set(run.steps))
+  if missing:
+    raise SystemExit(f"{args.workdir}: no checkpoint at steps {missing}; saved: {list(run.steps)}")
+  key = jax.random.key(args.seed)
+  xt, _ = sample_teacher(setup.teacher, jax.random.fold_in(key, 1), args.teacher_samples, num_steps=args.teacher_steps)
+  teacher_mean = diversity.digit_pixels(np.asarray(xt)).mean(axis=0)
+  shape = setup.teacher.data_shape
+  z = setup.step_cfg.sigma_init * jax.random.normal(jax.random.fold_in(key, 2), (args.teacher_samples, *shape))
+  rows, offsets = [], {}
+  for st in steps:
+    state = restore_state(run, st)
+    ema_mean = diversity.digit_pixels(np.asarray(distill._generate(setup, state.gen_ema, z, batch_size=500))).mean(0)
+    raw_mean = diversity.digit_pixels(np.asarray(distill._generate(setup, state.gen_params, z, batch_size=500))).mean(0)
+    off = ema_mean - teacher_mean
+    u = off / np.linalg.norm(off)
+    offsets[st] = {"ema": float(np.linalg.norm(off)), "raw": float(np.linalg.norm(raw_mean - teacher_mean))}
+    print(f"step {st}: EMA offset from the teacher's mean {offsets[st]['ema']:.3f}, raw {offsets[st]['raw']:.3f}")
+    for j, sigma in enumerate(SIGMAS):
+      f = forces(
+        setup,
+        state.gen_params,
+        state.fake_params,
+        sigma,
+        jax.random.fold_in(key, 1000 + j),
+        args.num_samples,
+        args.batch_size,
+      )
+      m = f.mean(axis=0)
+      dens = level_density(setup.step_cfg.gen_noise, sigma)
+      row = {
+        "step": st,
+        "sigma": sigma,
+        "force": float(np.linalg.norm(m)),
+        "along_offset": float(m @ u),
+        "weighted_along": float(m @ u) * dens,
+        "cos_offset": float(m @ u / (np.linalg.norm(m) + 1e-12)),
+        "noise_floor": float(np.sqrt((f.var(axis=0, ddof=1) / len(f)).sum())),
+        "level_density": dens,
+      }
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  run.checkpointer.close()
+
+  keys = [k for k in rows[0] if k not in ("step", "sigma")]
+  lines = [
+    "# Digits: the generator loss's push on the mean image, per noise level",
+    "",
+    f"Run `{args.workdir}`; {args.num_samples} samples per level; the teacher's mean image from "
+    f"{args.teacher_samples} Heun-{args.teacher_steps} samples. `python benchmarks/digits_mean_force.py "
+    f"--workdir {args.workdir}`. Forces are means of -dL/dx0 over the raw generator's samples (64 pixels); "
+    "`along_offset` is their component along the EMA generator's offset from the teacher's mean.",
+    "",
+    "EMA / raw offsets from the teacher's mean: "
+    + ", ".join(f"step {s}: {o['ema']:.3f} / {o['raw']:.3f}" for s, o in offsets.items()),
+    "",
+    "| step | sigma | " + " | ".join(keys) + " |",
+    "|---|---|" + "---|" * len(keys),
+  ]
+  for r in rows:
+    lines.append(f"| {r['step']} | {r['sigma']:g} | " + " | ".join(f"{r[k]:.4g}" for k in keys) + " |")
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out + ".md", "w") as fh:
+    fh.write("\n".join(lines) + "\n")
+  with open(args.out + ".json", "w") as fh:
+    json.dump({"workdir": args.workdir, "offsets": offsets, "rows": rows}, fh)
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
