@@ -42,7 +42,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from emd_jax.distill import step as step_lib  # noqa: E402
-from emd_jax.distill.losses import generator_loss  # noqa: E402
 from emd_jax.evaluate import open_run, restore_state  # noqa: E402
 from emd_jax.evaluators import diversity  # noqa: E402
 from emd_jax.jobs import distill  # noqa: E402
@@ -78,21 +77,7 @@ def forces(setup, gen_params, fake_params, sigma: float, key, n: int, bs: int) -
       est = step_lib.run_estep(cfg_b, nets, gen_params, fake_params, tparams, d, x0)
       eps = est.eps
 
-    def loss_of_x0(x):
-      return generator_loss(
-        cfg_b.loss,
-        x,
-        teacher_fn=teacher_fn,
-        fake_fn=fake_fn,
-        alpha=alpha,
-        sigma=sig,
-        eps=jax.lax.stop_gradient(eps),
-        estep=est,
-        gamma_eps=cfg_b.gamma_eps,
-        num_estep=cfg_b.estep_steps,
-        sigma_data=cfg_b.sigma_data,
-      )[0]
-
+    loss_of_x0 = lambda x: step_lib.mstep_loss(cfg_b, teacher_fn, fake_fn, alpha, sig, eps, est)(x)[0]  # noqa: E731
     g = jax.grad(loss_of_x0)(jax.lax.stop_gradient(x0))
     return -bs * g  # the loss is a batch mean: per-example gradients are B times its gradient
 

@@ -492,6 +492,27 @@ def run_estep(cfg: StepConfig, nets: Nets, gen_params, fake_params, teacher_para
   )
 
 
+def mstep_loss(cfg: StepConfig, teacher_fn, fake_fn, alpha, sigma, eps, est) -> Callable:
+  """`x0 -> (loss, metrics)`: the method row's M-step loss at the (E-step's) noise `eps`, as the step uses it."""
+
+  def loss_of_x0(x):
+    return generator_loss(
+      cfg.loss,
+      x,
+      teacher_fn=teacher_fn,
+      fake_fn=fake_fn,
+      alpha=alpha,
+      sigma=sigma,
+      eps=jax.lax.stop_gradient(eps),
+      estep=est,
+      gamma_eps=cfg.gamma_eps,
+      num_estep=cfg.estep_steps,
+      sigma_data=cfg.sigma_data,
+    )
+
+  return loss_of_x0
+
+
 def generator_grads(
   cfg: StepConfig,
   nets: Nets,
@@ -527,20 +548,7 @@ def generator_grads(
       x0, gen_vjp = jax.vjp(lambda p: generate(cfg, nets, p, z_k, d, cfg.gen_backprop), gen_params)
     eps = est.eps
 
-  def loss_of_x0(x):
-    return generator_loss(
-      cfg.loss,
-      x,
-      teacher_fn=teacher_fn,
-      fake_fn=fake_fn,
-      alpha=alpha,
-      sigma=sigma,
-      eps=jax.lax.stop_gradient(eps),
-      estep=est,
-      gamma_eps=cfg.gamma_eps,
-      num_estep=cfg.estep_steps,
-      sigma_data=cfg.sigma_data,
-    )
+  loss_of_x0 = mstep_loss(cfg, teacher_fn, fake_fn, alpha, sigma, eps, est)
 
   if cfg.adv.gen_weight:
     method_loss = loss_of_x0
