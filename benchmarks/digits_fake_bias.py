@@ -43,6 +43,7 @@ import optax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.fidelity_common import write_level_table  # noqa: E402
 from emd_jax.evaluate import open_run, restore_state  # noqa: E402
 from emd_jax.evaluators import diversity  # noqa: E402
 from emd_jax.evaluators.digits_classifier import digits_images  # noqa: E402
@@ -161,9 +162,8 @@ def main() -> None:
       done = target
       rows += measure(params, target)
 
-  keys = [k for k in rows[0] if k not in ("sigma", "refit")]
   refit_flag = f" --refit {args.refit}" if args.refit else ""
-  lines = [
+  header = [
     "# Digits: the fake denoiser's first-moment (Tweedie) bias and the teacher's pull on the generator's mean",
     "",
     f"Run `{args.workdir}`, checkpoint step {step}; {n} samples (raw generator, and real digits for the teacher's "
@@ -172,19 +172,12 @@ def main() -> None:
     f"Generator mean offsets from the real mean image: raw {np.linalg.norm(offsets['raw']):.3f}, "
     f"EMA {np.linalg.norm(offsets['ema']):.3f} (cosine {cos(offsets['raw'], offsets['ema']):.2f}).",
     "",
-    "| fake updates after the checkpoint | sigma | " + " | ".join(keys) + " |",
-    "|---|---|" + "---|" * len(keys),
   ]
-  for r in rows:
-    lines.append(f"| {r['refit']} | {r['sigma']:g} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + ".md", "w") as fh:
-    fh.write("\n".join(lines) + "\n")
-  with open(args.out + ".json", "w") as fh:
-    json.dump(
-      {"workdir": args.workdir, "step": step, "offsets": {k: v.tolist() for k, v in offsets.items()}, "rows": rows}, fh
-    )
-  print("\n".join(lines))
+  offsets_json = {k: v.tolist() for k, v in offsets.items()}
+  payload = {"workdir": args.workdir, "step": step, "offsets": offsets_json, "rows": rows}
+  write_level_table(
+    args.out, header, [("refit", "fake updates after the checkpoint"), ("sigma", "sigma")], rows, ".4f", payload
+  )
 
 
 if __name__ == "__main__":

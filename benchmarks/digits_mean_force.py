@@ -17,8 +17,9 @@ centred 8x8 digit,
 - `cos_offset`: the cosine of the force with that offset; `noise_floor`: the norm the mean of n
   zero-mean forces would show from the finite sample alone.
 
-At the raw generator's samples (where training evaluates the loss) the pushes balance on average over
-the levels; the profile shows where the mean is pushed out and where it is held. The teacher's mean
+If the mean image sat at a fixed point of the loss, the level-density-weighted pushes would cancel over the
+levels (some pushing out, others pulling back); the profile shows where the mean is pushed out and where it
+is pulled back, and whether they balance. The teacher's mean
 image comes from its Heun samples (the benchmark's teacher row: `--teacher_steps`).
 
   python benchmarks/digits_mean_force.py --workdir runs/digits_seed1_2.5/emd_simloss_k1 \
@@ -41,6 +42,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.fidelity_common import write_level_table  # noqa: E402
 from emd_jax.distill import step as step_lib  # noqa: E402
 from emd_jax.evaluate import open_run, restore_state  # noqa: E402
 from emd_jax.evaluators import diversity  # noqa: E402
@@ -85,6 +87,29 @@ def forces(setup, gen_params, fake_params, sigma: float, key, n: int, bs: int) -
   return np.concatenate(out)
 
 
+def cached_teacher_mean(args, run, key) -> np.ndarray:
+  """The teacher's mean image over `--teacher_samples` Heun samples, through `--teacher_cache` when given."""
+  made_with = {
+    "teacher": str(run.config.teacher.get("checkpoint", run.config.teacher.get("kind"))),
+    "samples": args.teacher_samples,
+    "steps": args.teacher_steps,
+    "seed": args.seed,
+  }
+  if args.teacher_cache and os.path.exists(args.teacher_cache):
+    with np.load(args.teacher_cache) as f:
+      if json.loads(str(f["made_with"])) == made_with:
+        print(f"teacher mean image from {args.teacher_cache}")
+        return f["mean"]
+    print(f"{args.teacher_cache} was made with other settings: recomputing")
+  teacher = run.setup.teacher
+  xt, _ = sample_teacher(teacher, jax.random.fold_in(key, 1), args.teacher_samples, num_steps=args.teacher_steps)
+  mean = diversity.digit_pixels(np.asarray(xt)).mean(axis=0)
+  if args.teacher_cache:
+    os.makedirs(os.path.dirname(args.teacher_cache) or ".", exist_ok=True)
+    np.savez(args.teacher_cache, mean=mean, made_with=json.dumps(made_with, sort_keys=True))
+  return mean
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", required=True, help="a digits distillation run's directory")
@@ -94,6 +119,12 @@ def main() -> None:
   ap.add_argument("--teacher_samples", type=int, default=4000)
   ap.add_argument("--teacher_steps", type=int, default=18, help="Heun steps of the teacher's reference samples")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument(
+    "--teacher_cache",
+    default="",
+    help="an .npz file for the teacher's mean image: read when it was made with the same teacher, samples, "
+    "steps and seed, else computed and written (the Heun samples are most of the tool's time)",
+  )
   ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_mean_force"))
   args = ap.parse_args()
 
@@ -108,8 +139,7 @@ def main() -> None:
   if missing:
     raise SystemExit(f"{args.workdir}: no checkpoint at steps {missing}; saved: {list(run.steps)}")
   key = jax.random.key(args.seed)
-  xt, _ = sample_teacher(setup.teacher, jax.random.fold_in(key, 1), args.teacher_samples, num_steps=args.teacher_steps)
-  teacher_mean = diversity.digit_pixels(np.asarray(xt)).mean(axis=0)
+  teacher_mean = cached_teacher_mean(args, run, key)
   shape = setup.teacher.data_shape
   z = setup.step_cfg.sigma_init * jax.random.normal(jax.random.fold_in(key, 2), (args.teacher_samples, *shape))
   rows, offsets = [], {}
@@ -147,8 +177,7 @@ def main() -> None:
       print(json.dumps(row), flush=True)
   run.checkpointer.close()
 
-  keys = [k for k in rows[0] if k not in ("step", "sigma")]
-  lines = [
+  header = [
     "# Digits: the generator loss's push on the mean image, per noise level",
     "",
     f"Run `{args.workdir}`; {args.num_samples} samples per level; the teacher's mean image from "
@@ -159,17 +188,9 @@ def main() -> None:
     "EMA / raw offsets from the teacher's mean: "
     + ", ".join(f"step {s}: {o['ema']:.3f} / {o['raw']:.3f}" for s, o in offsets.items()),
     "",
-    "| step | sigma | " + " | ".join(keys) + " |",
-    "|---|---|" + "---|" * len(keys),
   ]
-  for r in rows:
-    lines.append(f"| {r['step']} | {r['sigma']:g} | " + " | ".join(f"{r[k]:.4g}" for k in keys) + " |")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + ".md", "w") as fh:
-    fh.write("\n".join(lines) + "\n")
-  with open(args.out + ".json", "w") as fh:
-    json.dump({"workdir": args.workdir, "offsets": offsets, "rows": rows}, fh)
-  print("\n".join(lines))
+  payload = {"workdir": args.workdir, "offsets": offsets, "rows": rows}
+  write_level_table(args.out, header, [("step", "step"), ("sigma", "sigma")], rows, ".4g", payload)
 
 
 if __name__ == "__main__":

@@ -38,3 +38,27 @@ def train_recording(config, workdir: str, pick: Callable[[dict], dict]) -> tuple
   finally:
     train_lib.evaluate = original
   return result, seconds, trajectory
+
+
+def write_level_table(out: str, header: list[str], lead: list[tuple[str, str]], rows: list[dict], fmt: str, payload):
+  """Write a per-level diagnostic's results: `out`.md (the `header` lines, then one table row per dict in
+  `rows`: the `lead` columns, given as (key, title), printed with `g`, then every other key with `fmt`) and
+  `out`.json (`payload`, which should carry the rows). Prints the markdown."""
+  import json
+
+  lead_keys = [k for k, _ in lead]
+  keys = [k for k in rows[0] if k not in lead_keys]
+  lines = [
+    *header,
+    "| " + " | ".join([t for _, t in lead] + keys) + " |",
+    "|" + "---|" * (len(lead) + len(keys)),
+  ]
+  for r in rows:
+    cells = [format(r[k], "g") for k in lead_keys] + [format(r[k], fmt) for k in keys]
+    lines.append("| " + " | ".join(cells) + " |")
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out + ".md", "w") as fh:
+    fh.write("\n".join(lines) + "\n")
+  with open(out + ".json", "w") as fh:
+    json.dump(payload, fh)
+  print("\n".join(lines))
