@@ -87,6 +87,38 @@ def forces(setup, gen_params, fake_params, sigma: float, key, n: int, bs: int) -
   return np.concatenate(out)
 
 
+def net_pulls(path: str, dists: str, out: str) -> None:
+  """The net push on the offset that other lognormal level distributions would give, from a saved profile:
+  each level's `along_offset` weighted by lognormal(p_mean, p_std)'s density per unit log sigma, integrated
+  over log sigma by trapezoids on the profile's grid (one checkpoint's profile, so a rough quadrature)."""
+  with open(path) as fh:
+    profile = json.load(fh)
+  last = max(r["step"] for r in profile["rows"])
+  rows = sorted((r for r in profile["rows"] if r["step"] == last), key=lambda r: r["sigma"])
+  table = []
+  for d in dists.split(","):
+    p_mean, p_std = (float(v) for v in d.split(":"))
+    noise = argparse.Namespace(kind="lognormal", p_mean=p_mean, p_std=p_std)
+    parts = [r["along_offset"] * level_density(noise, r["sigma"]) for r in rows]
+    logs = [math.log(r["sigma"]) for r in rows]
+    inward = outward = 0.0
+    for i in range(len(rows) - 1):
+      for w in (parts[i], parts[i + 1]):
+        share = 0.5 * (logs[i + 1] - logs[i]) * w
+        inward, outward = inward + min(share, 0.0), outward + max(share, 0.0)
+    table.append({"p_mean": p_mean, "p_std": p_std, "net": inward + outward, "inward": inward, "outward": outward})
+  header = [
+    "# Digits: the net push on the mean offset under other generator level distributions",
+    "",
+    f"From `{path}` (step {last}): `python benchmarks/digits_mean_force.py --reweight={dists} --profile {path}`. "
+    "Negative: a pull back towards the teacher's mean image (per sample, density-weighted, trapezoids in log sigma).",
+    "",
+  ]
+  write_level_table(
+    out, header, [("p_mean", "p_mean"), ("p_std", "p_std")], table, ".4f", {"profile": path, "rows": table}
+  )
+
+
 def cached_teacher_mean(args, run, key) -> np.ndarray:
   """The teacher's mean image over `--teacher_samples` Heun samples, through `--teacher_cache` when given."""
   made_with = {
@@ -112,7 +144,9 @@ def cached_teacher_mean(args, run, key) -> np.ndarray:
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--workdir", required=True, help="a digits distillation run's directory")
+  ap.add_argument("--workdir", default="", help="a digits distillation run's directory")
+  ap.add_argument("--profile", default="", help="with --reweight: a results .json this tool wrote")
+  ap.add_argument("--reweight", default="", help="P_MEAN:P_STD,...: net pulls of these level distributions")
   ap.add_argument("--steps", default="", help="checkpoint steps to read (default: every saved one)")
   ap.add_argument("--num_samples", type=int, default=4000, help="samples per level (a multiple of --batch_size)")
   ap.add_argument("--batch_size", type=int, default=500)
@@ -127,6 +161,12 @@ def main() -> None:
   )
   ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_mean_force"))
   args = ap.parse_args()
+  if args.reweight:
+    if not args.profile:
+      raise SystemExit("--reweight needs --profile (a results .json of this tool)")
+    return net_pulls(args.profile, args.reweight, args.out)
+  if not args.workdir:
+    raise SystemExit("--workdir is required (or --reweight with --profile)")
 
   run = open_run(args.workdir)
   setup = run.setup

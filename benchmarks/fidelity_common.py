@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -44,8 +45,6 @@ def write_level_table(out: str, header: list[str], lead: list[tuple[str, str]], 
   """Write a per-level diagnostic's results: `out`.md (the `header` lines, then one table row per dict in
   `rows`: the `lead` columns, given as (key, title), printed with `g`, then every other key with `fmt`) and
   `out`.json (`payload`, which should carry the rows). Prints the markdown."""
-  import json
-
   lead_keys = [k for k, _ in lead]
   keys = [k for k in rows[0] if k not in lead_keys]
   lines = [

@@ -69,7 +69,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # for emd_sim at 400 steps (benchmarks/results/digits_sweep.md). p_mean -1.2 instead of -2 (more
   # weight at sigma 1-2.5, where the loss pulls the mean image back, benchmarks/digits_mean_force.py):
   # over three training seeds pixel std 0.972x (0.970-0.974) vs 0.969x, recall 0.918 vs 0.916, pixel
-  # FD 1.09x vs 1.12x, every other figure level (docs/digits.md "Generator levels"). SIM's paper: (-3.5, 2.5).
+  # FD 1.09x vs 1.12x, every other figure level (docs/digits.md "Generator levels where the pull is").
+  # SIM's paper: (-3.5, 2.5).
   c.loss.noise.p_mean = -1.2
   c.loss.noise.p_std = 2.0
   c.generator.lr = 1e-4
