@@ -44,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.fidelity_common import write_level_table  # noqa: E402
+from emd_jax.distill.step import first_input  # noqa: E402
 from emd_jax.evaluate import open_run, restore_state  # noqa: E402
 from emd_jax.evaluators import diversity  # noqa: E402
 from emd_jax.evaluators.digits_classifier import digits_images  # noqa: E402
@@ -147,7 +148,7 @@ def main() -> None:
     def fake_update(params, opt_state, k):
       kz, ks, kn = jax.random.split(k, 3)
       zb = cfg.sigma_init * jax.random.normal(kz, (b, *shape))
-      xb = setup.net_apply(state.gen_params, zb, jnp.full((b,), cfg.sigma_init, jnp.float32))
+      xb = setup.net_apply(state.gen_params, first_input(cfg, zb), jnp.full((b,), cfg.sigma_init, jnp.float32))
       sig = cfg.fake_noise.sample(ks, (b,))
       loss, g = dsm_loss_and_grad(
         setup.net_apply, params, xb, sig, jax.random.normal(kn, xb.shape), None, cfg.sigma_data

@@ -41,10 +41,15 @@ def train_recording(config, workdir: str, pick: Callable[[dict], dict]) -> tuple
   return result, seconds, trajectory
 
 
+def _cell(value, fmt: str) -> str:
+  """A table cell: numbers with `fmt`, anything else (a model's name) as it is."""
+  return value if isinstance(value, str) else format(value, fmt)
+
+
 def write_level_table(out: str, header: list[str], lead: list[tuple[str, str]], rows: list[dict], fmt: str, payload):
   """Write a per-level diagnostic's results: `out`.md (the `header` lines, then one table row per dict in
-  `rows`: the `lead` columns, given as (key, title), printed with `g`, then every other key with `fmt`) and
-  `out`.json (`payload`, which should carry the rows). Prints the markdown."""
+  `rows`: the `lead` columns, given as (key, title), printed with `g`, then every other key with `fmt`; strings
+  as they are) and `out`.json (`payload`, which should carry the rows). Prints the markdown."""
   lead_keys = [k for k, _ in lead]
   keys = [k for k in rows[0] if k not in lead_keys]
   lines = [
@@ -53,7 +58,7 @@ def write_level_table(out: str, header: list[str], lead: list[tuple[str, str]], 
     "|" + "---|" * (len(lead) + len(keys)),
   ]
   for r in rows:
-    cells = [format(r[k], "g") for k in lead_keys] + [format(r[k], fmt) for k in keys]
+    cells = [_cell(r[k], "g") for k in lead_keys] + [_cell(r[k], fmt) for k in keys]
     lines.append("| " + " | ".join(cells) + " |")
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   with open(out + ".md", "w") as fh:

@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from benchmarks.fidelity_common import write_level_table
 
 
@@ -22,3 +24,10 @@ def test_level_table_has_one_row_per_dict_with_lead_columns_first(tmp_path, caps
   assert len(lines) == 6
   assert json.load(open(out + ".json")) == {"rows": rows}
   assert "| 1300 | 80 | 1.5e-05 | 0.75 |" in capsys.readouterr().out
+
+
+def test_level_table_prints_strings_as_they_are(tmp_path):
+  rows = [{"model": "teacher (Heun 18 steps)", "sets": 2, "fd": np.float32(0.30799)}]
+  out = str(tmp_path / "res")
+  write_level_table(out, [], [("model", "model"), ("sets", "sets")], rows, ".3g", {})
+  assert open(out + ".md").read().splitlines()[2] == "| teacher (Heun 18 steps) | 2 | 0.308 |"

@@ -65,6 +65,13 @@ def distill_config() -> ml_collections.ConfigDict:
   c.generator.decay = "none"  # or "cosine" / "linear": from lr after warm-up to lr * end_factor at total_steps
   c.generator.end_factor = 0.0
   c.generator.ema_decay = 0.999
+  # The centre of the generator's first input: "zero", g(z) = D(z, sigma_init); "tweedie", g(z) =
+  # D(mu + z, sigma_init) with mu the teacher's Tweedie fixed point mu = E[D_T(mu + z, sigma_init)],
+  # z ~ N(0, sigma_init^2 I) (emd_jax/distill/latent_mean.py; data that are not centred, e.g. the
+  # digits' black canvas). Computed at setup on `latent_mean_samples` draws, kept in the workdir.
+  c.generator.latent_mean = "zero"
+  c.generator.latent_mean_samples = 2048
+  c.generator.latent_mean_iters = 4
   # Few-step students (docs/algorithms.md "Few-step students"): N denoiser passes at the levels
   # `sigmas` (descending, starting at sigma_init, ending at 0: N + 1 values). Empty `sigmas`: N
   # Karras levels (rho 7) from sigma_init down to sigma_min. Each training example trains one step

@@ -105,6 +105,17 @@ def _check_student_grid(g) -> None:
   )
 
 
+def _check_latent_mean(g) -> None:
+  from emd_jax.distill.latent_mean import MODES
+
+  mode = g.get("latent_mean", "zero")
+  _require(mode in MODES, "generator.latent_mean", f"unknown mode {mode!r}; known: {list(MODES)}")
+  n, iters = g.get("latent_mean_samples", 2048), g.get("latent_mean_iters", 4)
+  _require(isinstance(n, int) and n >= 2, "generator.latent_mean_samples", f"must be an integer >= 2, got {n!r}")
+  ok = isinstance(iters, int) and iters >= 1
+  _require(ok, "generator.latent_mean_iters", f"must be an integer >= 1, got {iters!r}")
+
+
 def validate_common(config) -> None:
   _require(config.total_steps >= 0, "total_steps", f"must be >= 0, got {config.total_steps}")
   _require(config.batch_size > 0, "batch_size", f"must be > 0, got {config.batch_size}")
@@ -198,6 +209,7 @@ def validate_distill(config) -> None:
   except ValueError as e:
     raise ConfigError("generator.ema_tracks", str(e)) from None
   _check_student_grid(config.generator)
+  _check_latent_mean(config.generator)
   _require(config.fake.steps_per_gen_step >= 1, "fake.steps_per_gen_step", "must be >= 1")
   loop = config.fake.get("loop", "auto")
   _require(loop in FAKE_LOOPS, "fake.loop", f"must be 'auto', 'unroll' or 'scan', got {loop!r}")

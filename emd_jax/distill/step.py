@@ -35,7 +35,7 @@ import optax
 
 from emd_jax import qmc
 from emd_jax.diffusion import NoiseDist, Schedule, expand_to
-from emd_jax.distill import adversarial
+from emd_jax.distill import adversarial, latent_mean
 from emd_jax.distill.adversarial import AdvSpec
 from emd_jax.distill.estep import EStepResult, langevin_estep
 from emd_jax.distill.fake_score import dsm_loss_and_grad
@@ -114,6 +114,9 @@ class StepConfig:
   # distribution: each draw exact, the batch spread evenly; emd_jax/qmc.py). E-step chains, labels,
   # few-step and adversarial draws stay i.i.d.
   draws: str = "iid"
+  # The generator's input centre `mu` (`generator.latent_mean`, distill/latent_mean.py), flattened:
+  # the first step denoises `mu + z`, `z ~ N(0, sigma_init^2 I)`; () is `mu = 0`.
+  latent_shift: tuple[float, ...] = ()
 
   @property
   def gen_steps(self) -> int:
@@ -295,9 +298,19 @@ def generate(cfg: StepConfig, nets: Nets, gen_params, z: Array, d: Draws, throug
   recomputed from `gen_params` when `through_steps` (gradients through the earlier steps).
   """
   if cfg.gen_steps == 1:
-    return nets.net_apply(gen_params, z, jnp.full((z.shape[0],), cfg.sigma_init), d.labels)
+    return nets.net_apply(gen_params, first_input(cfg, z), jnp.full((z.shape[0],), cfg.sigma_init), d.labels)
   base = simulate(cfg, nets, gen_params, d) if through_steps else d.base
-  return nets.net_apply(gen_params, base + z, d.gen_sigma, d.labels)
+  x = base + z
+  mu = latent_mean.shift_array(cfg.latent_shift, cfg.data_shape)
+  if mu is not None:  # the first step's examples (base 0) denoise mu + z
+    x = x + expand_to((d.gen_step == 0).astype(x.dtype), x) * mu
+  return nets.net_apply(gen_params, x, d.gen_sigma, d.labels)
+
+
+def first_input(cfg: StepConfig, z: Array) -> Array:
+  """The student's first input from latents `z` `[B, ...]`: `mu + z` (`cfg.latent_shift`), or `z`."""
+  mu = latent_mean.shift_array(cfg.latent_shift, cfg.data_shape)
+  return z if mu is None else z + mu
 
 
 def simulate(cfg: StepConfig, nets: Nets, gen_params, d: Draws) -> Array:
@@ -311,7 +324,7 @@ def simulate(cfg: StepConfig, nets: Nets, gen_params, d: Draws) -> Array:
   """
   sig = cfg.gen_sigmas
   b = d.z.shape[0]
-  x = sig[0] * d.sim_noise[0]
+  x = first_input(cfg, sig[0] * d.sim_noise[0])
   base = jnp.zeros_like(d.z)
   for k in range(cfg.gen_steps - 1):
     x0 = nets.net_apply(gen_params, x, jnp.full((b,), sig[k]), d.labels)

@@ -2,13 +2,15 @@
 
 `DIR/` holds `generator.json` (architecture spec, data shape, sigma_init,
 dtype, number of classes, the training config, format and package versions;
-for a few-step student also `num_steps` and its grid `sigmas`) and
+for a few-step student also `num_steps` and its grid `sigmas`; for a generator with a centred input,
+`generator.latent_mean`, its centre `latent_mean`, flattened) and
 `params.msgpack` (Flax-serialised parameters). Loading needs only the
 network code: no training module is imported.
 
 A one-step export is format 1 (`kind: one_step_generator`), readable by every
 emd_jax. A few-step student is format 2 (`kind: few_step_generator`), so that
-an emd_jax that cannot run its steps refuses it rather than sampling one step.
+an emd_jax that cannot run its steps refuses it rather than sampling one step. An export with
+`latent_mean` (`x = g(mu + z)`) is format 3, so that an emd_jax that would ignore the centre refuses it.
 
     from emd_jax.formats.generator_export import load_sampler
     sampler = load_sampler("runs/gmm/export")
@@ -31,8 +33,9 @@ from emd_jax.diffusion import student_sample, sub_grid
 from emd_jax.errors import UserInputError, one_line
 from emd_jax.formats import fileio, paths
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 KINDS = {"one_step_generator": 1, "few_step_generator": 2}  # kind -> its format version
+LATENT_MEAN_FORMAT = 3  # any kind with a `latent_mean`
 SPEC_FILE = "generator.json"
 PARAMS_FILE = "params.msgpack"
 
@@ -46,6 +49,7 @@ def write_export(
   sigma_init: float,
   sigmas: tuple[float, ...] | None = None,
   num_classes: int = 0,
+  latent_mean=None,
   config: dict | None = None,
   dtype: str = "float32",
   extra: dict | None = None,
@@ -53,12 +57,13 @@ def write_export(
   """Publishes the export (`fileio.publish`: complete, with its `_COMPLETE` marker, or not at all).
 
   `sigmas`: a few-step student's grid `(sigma_init, ..., 0.0)` (N + 1 levels); None or a
-  two-level grid is the one-step generator.
+  two-level grid is the one-step generator. `latent_mean`: the centre `mu` of the first input
+  (`data_shape`; the sampler draws `mu + sigma_init * N(0, I)`), None for 0.
   """
   few = sigmas is not None and len(sigmas) > 2
   kind = "few_step_generator" if few else "one_step_generator"
   meta = {
-    "format_version": KINDS[kind],
+    "format_version": KINDS[kind] if latent_mean is None else LATENT_MEAN_FORMAT,
     "emd_jax_version": __version__,
     "kind": kind,
     "net": net_spec,
@@ -66,6 +71,7 @@ def write_export(
     "sigma_init": float(sigma_init),
     **({"num_steps": len(sigmas) - 1, "sigmas": [float(s) for s in sigmas]} if few else {}),
     "num_classes": int(num_classes),
+    **({} if latent_mean is None else {"latent_mean": [float(v) for v in np.asarray(latent_mean).ravel()]}),
     "dtype": dtype,
     "config": config or {},
     **(extra or {}),
@@ -78,9 +84,10 @@ def write_export(
 
 
 class Sampler:
-  """A jitted student sampler, `z ~ N(0, sigma_init^2 I)`.
+  """A jitted student sampler, first input `mu + z`, `z ~ N(0, sigma_init^2 I)` (`mu`: the export's
+  `latent_mean`, else 0).
 
-  One step: `x = g(z) = D_theta(z, sigma_init)`. A few-step student (`num_steps` N > 1):
+  One step: `x = g(z) = D_theta(mu + z, sigma_init)`. A few-step student (`num_steps` N > 1):
   N passes over its grid `sigmas`, each predicting the clean image and re-noising it to the
   next level with fresh noise (`diffusion.student_sample`); its NFE is the number of steps.
   """
@@ -93,6 +100,9 @@ class Sampler:
     self.sigmas = tuple(float(s) for s in meta.get("sigmas", (self.sigma_init, 0.0)))
     self.num_steps = len(self.sigmas) - 1
     self.num_classes = int(meta.get("num_classes", 0))
+    self.latent_mean = None
+    if "latent_mean" in meta:
+      self.latent_mean = jnp.asarray(np.asarray(meta["latent_mean"], np.float32).reshape(self.data_shape))
     self.module = nets.build(meta["net"])
 
     def generate(params, z, noise, labels, grid):
@@ -121,6 +131,8 @@ class Sampler:
       rng = jax.random.key(rng)
     k_z, k_lab = jax.random.split(rng)
     z = self.sigma_init * jax.random.normal(k_z, (num, *self.data_shape))
+    if self.latent_mean is not None:
+      z = z + self.latent_mean
     onehot = None
     if self.num_classes:
       if labels is None:
@@ -168,6 +180,8 @@ def read_export(directory: str) -> tuple[dict, dict]:
     raise UserInputError(f"{spec_path}: sigma_init must be a finite number > 0, got {meta['sigma_init']}")
   if kind == "few_step_generator":
     _check_grid(meta, spec_path)
+  if "latent_mean" in meta:
+    _check_latent_mean(meta, data_shape, spec_path)
   dtype = meta.get("dtype", "float32")
   if dtype not in ("float32", "bfloat16", "float16"):
     raise UserInputError(f"{spec_path}: dtype must be float32, bfloat16 or float16, got {dtype!r}")
@@ -185,6 +199,18 @@ def read_export(directory: str) -> tuple[dict, dict]:
     ) from e
   fileio.check_params(expected, params, f"{params_path} (net {meta['net']['arch']!r} of {SPEC_FILE})", dtype)
   return meta, params
+
+
+def _check_latent_mean(meta: dict, data_shape, spec_path: str) -> None:
+  """`latent_mean`: prod(data_shape) finite numbers (the flattened centre of the first input)."""
+  mu = meta["latent_mean"]
+  size = int(np.prod(data_shape))
+  ok = isinstance(mu, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in mu)
+  if not ok or len(mu) != size or not np.all(np.isfinite(np.asarray(mu, np.float64))):
+    what = f"{len(mu)} values" if isinstance(mu, list) else type(mu).__name__
+    raise UserInputError(
+      f"{spec_path}: latent_mean must be {size} finite numbers (data shape {list(data_shape)}), got {what}"
+    )
 
 
 def _check_grid(meta: dict, spec_path: str) -> None:

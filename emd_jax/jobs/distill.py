@@ -19,7 +19,8 @@ from absl import logging
 from emd_jax import nets, teachers
 from emd_jax.config.validation import ConfigError, validate_distill
 from emd_jax.diffusion import Schedule, noise_dist_from_config, student_sample, student_sigmas
-from emd_jax.distill import adversarial
+from emd_jax.distill import adversarial, latent_mean
+from emd_jax.distill import step as step_lib
 from emd_jax.distill.losses import LossSpec
 from emd_jax.distill.state import DistillState, create_state
 from emd_jax.distill.step import StepConfig, make_train_step
@@ -166,6 +167,7 @@ def build_setup(
     gen_train_step=config.generator.get("train_step", "last"),
     draws=config.get("draws", "iid"),
     adv=adv_spec(config),
+    latent_shift=latent_mean.as_tuple(_latent_mean(config, teacher, workdir)),
   )
   tx_gen = make_optimizer(config.generator, config.total_steps)
   tx_fake = make_optimizer(config.fake, config.total_steps)
@@ -176,6 +178,42 @@ def build_setup(
 
 
 MEAN_CORRECTION_FILE = "mean_correction.npz"
+
+
+def _latent_mean(config, teacher: Teacher, workdir: str | None) -> np.ndarray | None:
+  """The generator's input centre `mu` for `generator.latent_mean` (distill/latent_mean.py); None for "zero".
+
+  Read from `workdir`'s `latent_mean.npy` when there (a resumed run: exactly the `mu` it started with), else
+  computed by the Tweedie fixed point on the teacher at `sigma_init` and written there.
+  """
+  g = config.generator
+  if g.get("latent_mean", "zero") == "zero":
+    return None
+  shape = tuple(teacher.data_shape)
+  saved = os.path.join(workdir, latent_mean.FILE) if workdir else None
+  if saved and paths.exists(saved):
+    mu = latent_mean.load(saved, shape)
+    how = f"read from {saved}"
+  else:
+    t0 = time.perf_counter()
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x1A7E)
+    batch = config.get("eval", {}).get("batch_size", 500)
+    n, iters = g.get("latent_mean_samples", 2048), g.get("latent_mean_iters", 4)
+    mu, changes = latent_mean.tweedie_fixed_point(
+      teacher.denoise, shape, g.sigma_init, key, n, iters, batch, teacher.num_classes
+    )
+    how = (
+      f"Tweedie fixed point on {n} draws, {iters} iterations in {time.perf_counter() - t0:.1f} s, "
+      f"changes {', '.join(f'{c:.3g}' for c in changes)}"
+    )
+    if saved:
+      paths.makedirs(workdir)
+      latent_mean.save(saved, mu)
+  metrics_lib.log_line(
+    f"generator.latent_mean: g(z) = D(mu + z, {g.sigma_init}) with |mu| = {np.linalg.norm(mu):.3g}, "
+    f"mean {mu.mean():.3g} ({how})"
+  )
+  return mu
 
 
 def _mean_corrected(config, teacher: Teacher, measure: bool, workdir: str | None) -> Teacher:
@@ -350,6 +388,8 @@ def config_fingerprint(config, setup: DistillSetup) -> dict:
   out = {"net": setup.net_spec, "data_shape": list(setup.teacher.data_shape), "teacher": setup.teacher.spec}
   if setup.step_cfg.ema_tracks:
     out["ema_tracks"] = list(track_names(setup))
+  if setup.step_cfg.latent_shift:  # the generator function depends on mu
+    out["latent_mean"] = config.generator.latent_mean
   if setup.step_cfg.adv.on:  # the state holds a discriminator head
     out["adv_head_hidden"] = setup.step_cfg.adv.head_hidden
   return out
@@ -402,8 +442,8 @@ def evaluate(
 def _generate(setup: DistillSetup, params, z, labels=None, batch_size: int | None = None, rng=None):
   """Student samples from first inputs `z` in batches of `batch_size` (all at once if None).
 
-  One step: `g(z) = D(z, sigma_init)`. A few-step student runs its N steps
-  (`diffusion.student_sample`), re-noising with noise drawn from `rng`.
+  One step: `g(z) = D(mu + z, sigma_init)` (`mu = 0` unless `generator.latent_mean`). A few-step
+  student runs its N steps (`diffusion.student_sample`), re-noising with noise drawn from `rng`.
   """
   grid = setup.step_cfg.gen_sigmas or (setup.step_cfg.sigma_init, 0.0)
 
@@ -419,7 +459,7 @@ def _generate(setup: DistillSetup, params, z, labels=None, batch_size: int | Non
     noise = None
     if len(grid) > 2:
       noise = jax.random.normal(jax.random.fold_in(rng, i), (len(grid) - 2, *zi.shape))
-    out.append(run(params, zi, noise, lab))
+    out.append(run(params, step_lib.first_input(setup.step_cfg, zi), noise, lab))
   return out[0] if len(out) == 1 else jnp.concatenate(out)
 
 
@@ -439,6 +479,7 @@ def export(
     sigma_init=setup.step_cfg.sigma_init,
     sigmas=setup.step_cfg.gen_sigmas or None,
     num_classes=setup.teacher.num_classes,
+    latent_mean=latent_mean.shift_array(setup.step_cfg.latent_shift, setup.teacher.data_shape),
     config=config.to_dict(),
     extra={"step": int(state.step), "method": config.method, **({} if ema == "ema" else {"ema": ema})},
   )
