@@ -180,6 +180,23 @@ def build_setup(
 MEAN_CORRECTION_FILE = "mean_correction.npz"
 
 
+def _measured_once(config, workdir, filename: str, source: str, salt: int, load, compute, save):
+  """A quantity measured once per run: read from `source` if given, else from `workdir/filename` (a resumed
+  run: exactly what it started with), else `compute(key, batch_size)` from the run's seed and `salt`, then
+  written there. Returns `(value, how)`, `how` saying where it came from for the setup log."""
+  saved = os.path.join(workdir, filename) if workdir else None
+  source = source or (saved if saved and paths.exists(saved) else "")
+  if source:
+    return load(source), f"read from {source}"
+  t0 = time.perf_counter()
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), salt)
+  value, how = compute(key, config.get("eval", {}).get("batch_size", 500))
+  if saved:
+    paths.makedirs(workdir)
+    save(saved, value)
+  return value, f"{how}, in {time.perf_counter() - t0:.1f} s"
+
+
 def _latent_mean(config, teacher: Teacher, workdir: str | None) -> np.ndarray | None:
   """The generator's input centre `mu` for `generator.latent_mean` (distill/latent_mean.py); None for "zero".
 
@@ -190,25 +207,17 @@ def _latent_mean(config, teacher: Teacher, workdir: str | None) -> np.ndarray | 
   if g.get("latent_mean", "zero") == "zero":
     return None
   shape = tuple(teacher.data_shape)
-  saved = os.path.join(workdir, latent_mean.FILE) if workdir else None
-  if saved and paths.exists(saved):
-    mu = latent_mean.load(saved, shape)
-    how = f"read from {saved}"
-  else:
-    t0 = time.perf_counter()
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x1A7E)
-    batch = config.get("eval", {}).get("batch_size", 500)
-    n, iters = g.get("latent_mean_samples", 2048), g.get("latent_mean_iters", 4)
+  n, iters = g.get("latent_mean_samples", 2048), g.get("latent_mean_iters", 4)
+
+  def compute(key, batch):
     mu, changes = latent_mean.tweedie_fixed_point(
       teacher.denoise, shape, g.sigma_init, key, n, iters, batch, teacher.num_classes
     )
-    how = (
-      f"Tweedie fixed point on {n} draws, {iters} iterations in {time.perf_counter() - t0:.1f} s, "
-      f"changes {', '.join(f'{c:.3g}' for c in changes)}"
-    )
-    if saved:
-      paths.makedirs(workdir)
-      latent_mean.save(saved, mu)
+    return mu, f"Tweedie fixed point on {n} draws, {iters} iterations, changes {', '.join(f'{c:.3g}' for c in changes)}"
+
+  mu, how = _measured_once(
+    config, workdir, latent_mean.FILE, "", 0x1A7E, lambda path: latent_mean.load(path, shape), compute, latent_mean.save
+  )
   metrics_lib.log_line(
     f"generator.latent_mean: g(z) = D(mu + z, {g.sigma_init}) with |mu| = {np.linalg.norm(mu):.3g}, "
     f"mean {mu.mean():.3g} ({how})"
@@ -234,20 +243,21 @@ def _mean_corrected(config, teacher: Teacher, measure: bool, workdir: str | None
   if not measure:
     return dataclasses.replace(teacher, spec=mean_correction.marked_spec(teacher.spec))
   shape = tuple(teacher.data_shape)
-  saved = os.path.join(workdir, MEAN_CORRECTION_FILE) if workdir else None
-  source = mc.get("table", "") or (saved if saved and paths.exists(saved) else "")
-  if source:
-    tab = mean_correction.load_table(source, shape)
-    how = f"read from {source}"
-  else:
-    t0 = time.perf_counter()
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x7EED1E)
-    batch = config.get("eval", {}).get("batch_size", 500)
+
+  def compute(key, batch):
     tab = mean_correction.measure(teacher, key, mc.num_samples, mc.heun_steps, mc.sigmas, batch_size=batch)
-    how = f"measured on {mc.num_samples} of its Heun-{mc.heun_steps} samples in {time.perf_counter() - t0:.0f} s"
-    if saved:
-      paths.makedirs(workdir)
-      mean_correction.save_table(saved, tab)
+    return tab, f"measured on {mc.num_samples} of its Heun-{mc.heun_steps} samples"
+
+  tab, how = _measured_once(
+    config,
+    workdir,
+    MEAN_CORRECTION_FILE,
+    mc.get("table", ""),
+    0x7EED1E,
+    lambda path: mean_correction.load_table(path, shape),
+    compute,
+    mean_correction.save_table,
+  )
   metrics_lib.log_line(
     f"mean_correction: the teacher's first-moment error ({how}), by sigma: {mean_correction.summary(tab)}"
   )
