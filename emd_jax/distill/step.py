@@ -171,7 +171,8 @@ class Draws(NamedTuple):
   gen_step: Array | None = None  # [B] int: the student step n_b each example trains
   gen_sigma: Array | None = None  # [B] that step's input level sigma_{n_b}; z and fake_z are sigma_{n_b} N(0, I)
   sim_noise: Array | None = None  # [N-1, B, ...] the backward simulation's noises (start, then re-noising)
-  base: Array | None = None  # [B, ...] stop_grad(x0_{n_b - 1}), 0 where n_b = 0 (set by `simulate`)
+  # [B, ...] stop_grad(x0_{n_b - 1}), the centre mu (0 by default) where n_b = 0 (set by `simulate`)
+  base: Array | None = None
   # The adversarial term only (None without it); see `adversarial.add_draws`.
   real: Array | None = None  # [B, ...] the step's real batch
   real_labels: Array | None = None  # [B, C] its one-hot labels (conditional teachers), else None
@@ -300,11 +301,7 @@ def generate(cfg: StepConfig, nets: Nets, gen_params, z: Array, d: Draws, throug
   if cfg.gen_steps == 1:
     return nets.net_apply(gen_params, first_input(cfg, z), jnp.full((z.shape[0],), cfg.sigma_init), d.labels)
   base = simulate(cfg, nets, gen_params, d) if through_steps else d.base
-  x = base + z
-  mu = latent_mean.shift_array(cfg.latent_shift, cfg.data_shape)
-  if mu is not None:  # the first step's examples (base 0) denoise mu + z
-    x = x + expand_to((d.gen_step == 0).astype(x.dtype), x) * mu
-  return nets.net_apply(gen_params, x, d.gen_sigma, d.labels)
+  return nets.net_apply(gen_params, base + z, d.gen_sigma, d.labels)
 
 
 def first_input(cfg: StepConfig, z: Array) -> Array:
@@ -319,13 +316,13 @@ def simulate(cfg: StepConfig, nets: Nets, gen_params, d: Draws) -> Array:
   Runs the student's steps `0 .. N-2` from pure noise `sigma_0 * sim_noise[0]` exactly as the
   sampler does (`diffusion.student_sample`: predict, re-noise to the next level with
   `sim_noise[k + 1]`), and returns per example the prediction `x0_{n_b - 1}` its step `n_b`
-  starts from (0 where `n_b = 0`): `[B, ...]`. Never forward-noised data or teacher samples:
-  the student trains on the inputs it meets when sampling. `N - 1` passes for the whole batch.
+  starts from (the centre `mu`, 0 by default, where `n_b = 0`): `[B, ...]`. Never forward-noised
+  data or teacher samples: the student trains on the inputs it meets when sampling. `N - 1` passes for the whole batch.
   """
   sig = cfg.gen_sigmas
   b = d.z.shape[0]
   x = first_input(cfg, sig[0] * d.sim_noise[0])
-  base = jnp.zeros_like(d.z)
+  base = first_input(cfg, jnp.zeros_like(d.z))  # step 0's examples start from the centre alone
   for k in range(cfg.gen_steps - 1):
     x0 = nets.net_apply(gen_params, x, jnp.full((b,), sig[k]), d.labels)
     base = jnp.where(expand_to(d.gen_step == k + 1, x0), x0, base)
