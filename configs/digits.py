@@ -68,7 +68,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # (docs/algorithms.md 6.6): the digits' black canvas puts z ~ N(0, 2.5^2) 14.8 from the noisy data's
   # mean. Over three training seeds classifier FD 0.87x (0.85-0.91) vs 0.95x (0.93-0.97), pixel FD 1.02x
   # (1.01-1.04) vs 1.09x (1.06-1.13), pixel std 0.976x vs 0.972x, class TV 0.077 vs 0.087; recall, pixel
-  # KID and the mean image level (docs/digits.md "Centring the generator's input"). About 20 s of setup.
+  # KID and the mean image level (docs/digits.md "Centring the generator's input"). Setup: 46-102 s,
+  # measured only with other jobs on a slow machine.
   c.generator.latent_mean = "tweedie"
   # Generator noise levels lognormal(-1.2, 2): the fake denoiser's median with a wider spread. p_std 2
   # instead of 1.2 (more weight on small sigma, where the one-step samples' grain shows): FD 21.2 -> 15.9
