@@ -82,9 +82,17 @@ def pixel_classifiers(real: np.ndarray, fake: np.ndarray, seed: int) -> dict:
 def probe(setup, teacher, real, real_test, fake, fake_test, args, key) -> dict:
   """Trains the term's discriminator on (real, fake); held-out accuracy per noise level."""
   spec = setup.step_cfg.adv
-  disc = adversarial.make_disc_apply(setup.net_features, spec.head_hidden)
+  if spec.features != "shared":
+    raise SystemExit("disc_probe: adv.features='own' is --train_features here (the encoder the head reads, trained)")
+  disc = adversarial.make_disc_apply(setup.net_features, spec.head_hidden, spec.head_readout)
   head = adversarial.init_head(
-    key, setup.net_features, teacher.params, teacher.data_shape, teacher.num_classes, spec.head_hidden
+    key,
+    setup.net_features,
+    teacher.params,
+    teacher.data_shape,
+    teacher.num_classes,
+    spec.head_hidden,
+    spec.head_readout,
   )
   params = {"fake": teacher.params, "head": head}
   tx = optax.adam(args.lr)

@@ -364,6 +364,77 @@ def test_start_step_is_the_data_free_step_before_it_and_the_term_after():
 
 
 # ----------------------------------------------------------------------------
+# (e') The head's readout: "mean" cannot weigh where a feature is, "dense" can.
+
+
+def _swap_pair(key, n=256, c=8):
+  """Two feature sets `[n, 2, c]` with the same per-position vectors u, v, at swapped positions."""
+  u, v = jax.random.normal(key, (2, c))
+  noise = 0.01 * jax.random.normal(jax.random.fold_in(key, 1), (2, n, 2, c))
+  a = jnp.broadcast_to(jnp.stack([u, v]), (n, 2, c)) + noise[0]
+  b = jnp.broadcast_to(jnp.stack([v, u]), (n, 2, c)) + noise[1]
+  return a, b
+
+
+def test_mean_readout_is_blind_to_position_and_dense_readout_learns_it():
+  import optax
+
+  a, b = _swap_pair(jax.random.key(0))
+  for readout in ("mean", "dense"):
+    head = adversarial.DiscHead(16, readout)
+    params = head.init(jax.random.key(1), a[:1])["params"]
+    # Exact property of the patch readout: permuting positions leaves every logit unchanged.
+    same = np.allclose(head.apply({"params": params}, a), head.apply({"params": params}, a[:, ::-1]), atol=1e-6)
+    assert same == (readout == "mean"), readout
+    tx = optax.adam(1e-2)
+    opt = tx.init(params)
+    loss = lambda p, h=head: adversarial.disc_loss_from_logits(h.apply({"params": p}, a), h.apply({"params": p}, b))
+    for _ in range(200):
+      g = jax.grad(loss)(params)
+      u, opt = tx.update(g, opt)
+      params = optax.apply_updates(params, u)
+    acc = (np.mean(head.apply({"params": params}, a) > 0) + np.mean(head.apply({"params": params}, b) < 0)) / 2
+    if readout == "mean":
+      # b is a with its positions swapped (up to the noise): no mean readout separates them.
+      assert float(loss(params)) > 2 * np.log(2) - 0.05 and acc < 0.7, (float(loss(params)), acc)
+    else:
+      assert float(loss(params)) < 0.1 and acc == 1.0, (float(loss(params)), acc)
+
+
+@pytest.mark.slow  # two short runs (two step compilations)
+def test_dense_readout_runs_in_the_step_and_a_resume_with_another_readout_is_refused(tmp_path):
+  from emd_jax.runtime.loop import TrainingError
+
+  c = run_cfg(2)
+  c.adv.head_readout = "dense"
+  state = distill.train_and_evaluate(c, str(tmp_path / "w"))["state"]
+  assert int(state.step) == 2 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.disc_params))
+  c = run_cfg(3)  # the default readout: the head's parameters differ in shape
+  with pytest.raises(TrainingError) as e:
+    distill.train_and_evaluate(c, str(tmp_path / "w"))
+  assert "adv_head_readout" in str(e.value), str(e.value)
+
+
+@pytest.mark.slow  # three step compilations, 60 s on the shared 2-core machine
+def test_own_features_leave_the_fake_denoiser_to_its_denoising_loss():
+  """`adv.features = "own"`: the discriminator reads a copy of the fake network (started equal to it),
+  which its loss trains; the fake network's update is the data-free one (`sid`'s), while with the
+  shared encoder it is not."""
+  c = gmm_tiny(method="sid", batch_size=64)
+  distill.validate_distill(c)
+  _, n_sid, _ = one_step(distill.build_setup(c))
+  own = adv_setup(record=False, **{"adv.features": "own", "fake.adv_weight": 1.0})
+  s_own, n_own, m_own = one_step(own)
+  _, n_shared, _ = one_step(adv_setup(record=False, **{"fake.adv_weight": 1.0}))
+  assert set(s_own.disc_params) == {"head", "encoder"}
+  assert_trees_equal(s_own.disc_params["encoder"], s_own.fake_params)  # a copy of the fake network
+  assert_trees_close(n_own.fake_params, n_sid.fake_params, rtol=1e-6, atol=1e-8)
+  assert rel_err(n_shared.fake_params, n_sid.fake_params) > 1e-5  # the check above can fail
+  assert not trees_equal(n_own.disc_params["encoder"], s_own.disc_params["encoder"])  # the copy trains
+  assert rel_err(n_own.gen_params, n_sid.gen_params) > 1e-6  # the generator sees the term
+
+
+# ----------------------------------------------------------------------------
 # (f) Config errors, before any compute.
 
 
@@ -376,6 +447,8 @@ def test_start_step_is_the_data_free_step_before_it_and_the_term_after():
     ({"data.name": "gmm", "loss.adv_weight": -1.0}, "loss.adv_weight"),
     ({"data.name": "gmm", "adv.r1_weight": -1.0}, "adv.r1_weight"),
     ({"data.name": "gmm", "adv.head_lr": 0.0}, "adv.head_lr"),
+    ({"data.name": "gmm", "adv.head_readout": "max"}, "adv.head_readout"),
+    ({"data.name": "gmm", "adv.features": "teacher"}, "adv.features"),
     ({"data.name": "gmm", "adv.start_step": -1}, "adv.start_step"),
     ({"data.name": "gmm", "adv.start_step": 10_000_000}, "adv.start_step"),
     ({"data.name": "gmm", "adv.sigma.sigma_min": 0.0}, "adv.sigma.sigma_min"),

@@ -147,6 +147,15 @@ def distill_config() -> ml_collections.ConfigDict:
   c.adv.sigma = noise(-1.2, 1.2)
   c.adv.r1_weight = 0.0  # R1 penalty r1_weight / 2 * ||grad_x D(real_t)||^2 in the fake update
   c.adv.head_hidden = 64
+  # How the head's per-position outputs become one logit: "mean" over positions (a patch discriminator,
+  # blind to where a feature is) or "dense" (a learnt weight per position: it sees spatial statistics
+  # such as the mean image; DMD2's bottleneck classifier ends in a convolution over the whole map).
+  c.adv.head_readout = "mean"
+  # Whose encoder the head reads: "shared" (the fake score network's own, as SiDA and DMD2: the
+  # discriminator's loss then reshapes the features the fake denoiser uses) or "own" (a copy of the fake
+  # network, started as the teacher and trained by the discriminator's loss alone: the same passes, one
+  # more set of weights, and a fake denoiser left to its denoising loss; docs/digits.md).
+  c.adv.features = "shared"
   # The head's learning rate (its own Adam state, the fake optimizer's other settings); None: fake.lr.
   # The head is trained only by the discriminator loss, so its weight (fake.adv_weight) does not
   # scale its steps under Adam: this is what sets how fast the discriminator learns.

@@ -280,6 +280,10 @@ def _check_adversarial(config) -> None:
   _check_noise(adv.sigma, "adv.sigma")
   _require(adv.r1_weight >= 0, "adv.r1_weight", f"must be >= 0, got {adv.r1_weight}")
   _require(adv.head_hidden >= 1, "adv.head_hidden", f"must be >= 1, got {adv.head_hidden}")
+  readout = adv.get("head_readout") or "mean"
+  _require(readout in ("mean", "dense"), "adv.head_readout", f"must be 'mean' or 'dense', got {readout!r}")
+  feats = adv.get("features") or "shared"
+  _require(feats in ("shared", "own"), "adv.features", f"must be 'shared' or 'own', got {feats!r}")
   head_lr = adv.get("head_lr")
   _require(head_lr is None or head_lr > 0, "adv.head_lr", f"must be > 0 (unset: fake.lr), got {head_lr}")
   start = adv.get("start_step") or 0

@@ -5,8 +5,11 @@ added to whatever the method's row forms (docs/algorithms.md "Adversarial term")
 
   discriminator  D(x_t, sigma) = head(features_psi(x_t, sigma)), `features_psi` the fake score
                  network's encoder output (the MLP's last hidden layer; the U-Nets' bottleneck,
-                 `nets.features_apply`), `head` a small MLP over channels averaged over positions
-                 (its parameters `state.disc_params`, its own state of the fake optimizer); no third
+                 `nets.features_apply`), `head` a small MLP over channels, read out by the mean over
+                 positions or (`adv.head_readout = "dense"`) by a learnt weight per position
+                 (its parameters `state.disc_params`, its own state of the fake optimizer); with
+                 `adv.features = "own"` the encoder is a copy of the fake network (started as the
+                 teacher), trained by the discriminator's loss alone; no third
                  network is trained from scratch (SiDA reuses the fake score's encoder; DMD2 puts a
                  classifier on the fake U-Net's bottleneck).
   inputs         real images and generator samples, each noised `x_t = x + sigma n` (EDM's frame, the
@@ -51,6 +54,8 @@ class AdvSpec:
   r1_weight: float = 0.0  # adv.r1_weight: R1 penalty on noised real inputs
   sigma: NoiseDist = NoiseDist()  # adv.sigma: noise levels of the discriminator's inputs
   head_hidden: int = 64  # adv.head_hidden: width of the head's hidden layer
+  head_readout: str = "mean"  # adv.head_readout: "mean" over positions or "dense" (position-aware)
+  features: str = "shared"  # adv.features: the fake network's encoder ("shared") or a copy of it ("own")
   start_step: int = 0  # adv.start_step: the term is on from this step (state.step >= start_step)
 
   @property
@@ -58,35 +63,82 @@ class AdvSpec:
     return self.gen_weight > 0 or self.disc_weight > 0
 
 
+READOUTS = ("mean", "dense")
+
+
 class DiscHead(nn.Module):
-  """Features `[B, ..., C]` -> logits `[B]`: LayerNorm, Dense(hidden), SiLU, Dense(1) per position, then the mean
-  over positions."""
+  """Features `[B, ..., C]` -> logits `[B]`: LayerNorm, Dense(hidden), SiLU per position, then a readout.
+
+  `readout="mean"`: Dense(1) per position, averaged over positions (a patch discriminator: translation
+  equivariant, it cannot weigh *where* a feature is). `readout="dense"`: one Dense(1) over the flattened
+  positions x hidden (a learnt weight per position, as a last convolution whose kernel covers the whole
+  map, DMD2's classifier on the bottleneck): it can see a spatial statistic such as where the ink lies
+  on average. On features without positions (`[B, C]`, the MLP) the two are the same function.
+  """
 
   hidden: int = 64
+  readout: str = "mean"
 
   @nn.compact
   def __call__(self, f: Array) -> Array:
     f = nn.LayerNorm(name="norm")(f.astype(jnp.float32))
-    logit = nn.Dense(1, name="out")(nn.silu(nn.Dense(self.hidden, name="fc")(f)))[..., 0]
+    h = nn.silu(nn.Dense(self.hidden, name="fc")(f))
+    if self.readout == "dense":
+      return nn.Dense(1, name="out")(h.reshape(h.shape[0], -1))[:, 0]
+    if self.readout != "mean":
+      raise ValueError(f"DiscHead: readout must be one of {READOUTS}, got {self.readout!r}")
+    logit = nn.Dense(1, name="out")(h)[..., 0]
     return jnp.mean(logit.reshape(logit.shape[0], -1), axis=-1)
 
 
-def make_disc_apply(features_apply: Callable, hidden: int) -> Callable:
-  """`disc(fake_params, head_params, x_t, sigma, labels) -> [B]`: a head on `features_apply`'s output."""
-  head = DiscHead(hidden)
+FEATURES = ("shared", "own")
 
-  def disc(fake_params, head_params, x, sigma, labels):
-    return head.apply({"params": head_params}, features_apply(fake_params, x, sigma, labels))
 
+def make_disc_apply(features_apply: Callable, hidden: int, readout: str = "mean", features: str = "shared") -> Callable:
+  """`disc(fake_params, head_params, x_t, sigma, labels) -> [B]`: a head on `features_apply`'s output.
+
+  `features="shared"`: the features of the fake network itself (`fake_params`), so the discriminator's
+  loss also trains the encoder the fake denoiser uses. `features="own"`: `head_params` is
+  `{"head": ..., "encoder": ...}`, the encoder a copy of the fake network (from `init_head`, so it
+  starts as the teacher's, not from scratch) trained only by the discriminator's loss; `fake_params`
+  is then unused and receives no gradient, and the fake denoiser is the data-free one.
+  """
+  head = DiscHead(hidden, readout)
+  if features == "own":
+
+    def disc(fake_params, head_params, x, sigma, labels):
+      del fake_params
+      return head.apply({"params": head_params["head"]}, features_apply(head_params["encoder"], x, sigma, labels))
+
+  elif features == "shared":
+
+    def disc(fake_params, head_params, x, sigma, labels):
+      return head.apply({"params": head_params}, features_apply(fake_params, x, sigma, labels))
+
+  else:
+    raise ValueError(f"make_disc_apply: features must be one of {FEATURES}, got {features!r}")
   return disc
 
 
-def init_head(key: Array, features_apply: Callable, fake_params, data_shape, num_classes: int, hidden: int):
-  """The head's initial parameters for the features of `fake_params` (shapes from one traced pass)."""
+def init_head(
+  key: Array,
+  features_apply: Callable,
+  fake_params,
+  data_shape,
+  num_classes: int,
+  hidden: int,
+  readout: str = "mean",
+  features: str = "shared",
+):
+  """The discriminator's initial parameters for the features of `fake_params` (shapes from one traced pass):
+  the head's, or with `features="own"` `{"head": ..., "encoder": a copy of fake_params}`."""
   x = jnp.zeros((1, *data_shape))
   labels = jnp.zeros((1, num_classes)) if num_classes else None
   feats = jax.eval_shape(features_apply, fake_params, x, jnp.ones((1,)), labels)
-  return DiscHead(hidden).init(key, jnp.zeros(feats.shape, jnp.float32))["params"]
+  head = DiscHead(hidden, readout).init(key, jnp.zeros(feats.shape, jnp.float32))["params"]
+  if features == "own":  # own buffers: the state is donated leaf by leaf
+    return {"head": head, "encoder": jax.tree.map(jnp.copy, fake_params)}
+  return head
 
 
 # ----------------------------------------------------------------------------

@@ -59,7 +59,11 @@ class DistillSetup:
   def disc_apply(self):
     """The adversarial term's discriminator on the fake network, or None when the term is off."""
     adv = self.step_cfg.adv
-    return adversarial.make_disc_apply(self.net_features, adv.head_hidden) if adv.on else None
+    return (
+      adversarial.make_disc_apply(self.net_features, adv.head_hidden, adv.head_readout, adv.features)
+      if adv.on
+      else None
+    )
 
 
 def student_spec(config, teacher: Teacher) -> dict:
@@ -289,6 +293,8 @@ def adv_spec(config) -> adversarial.AdvSpec:
     r1_weight=float(adv.r1_weight),
     sigma=noise_dist_from_config(adv.sigma),
     head_hidden=int(adv.head_hidden),
+    head_readout=str(adv.get("head_readout") or "mean"),
+    features=str(adv.get("features") or "shared"),
     start_step=int(adv.get("start_step") or 0),
   )
 
@@ -335,7 +341,16 @@ def with_disc(setup: DistillSetup, state: DistillState, key) -> DistillState:
   if not adv.on:
     return state
   t = setup.teacher
-  head = adversarial.init_head(key, setup.net_features, state.fake_params, t.data_shape, t.num_classes, adv.head_hidden)
+  head = adversarial.init_head(
+    key,
+    setup.net_features,
+    state.fake_params,
+    t.data_shape,
+    t.num_classes,
+    adv.head_hidden,
+    adv.head_readout,
+    adv.features,
+  )
   return state.replace(disc_params=head, disc_opt_state=(setup.tx_disc or setup.tx_fake).init(head))
 
 
@@ -402,6 +417,10 @@ def config_fingerprint(config, setup: DistillSetup) -> dict:
     out["latent_mean"] = config.generator.latent_mean
   if setup.step_cfg.adv.on:  # the state holds a discriminator head
     out["adv_head_hidden"] = setup.step_cfg.adv.head_hidden
+    if setup.step_cfg.adv.head_readout != "mean":  # the head's parameters have another shape
+      out["adv_head_readout"] = setup.step_cfg.adv.head_readout
+    if setup.step_cfg.adv.features != "shared":  # the discriminator holds its own encoder
+      out["adv_features"] = setup.step_cfg.adv.features
   return out
 
 
