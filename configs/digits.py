@@ -22,7 +22,8 @@ and a grid goes to TensorBoard and `samples_step{N}.png`.
 
 Expected compute: see docs/digits.md and README (1,300 steps of 14 network passes each, four
 evaluations of 2,000 samples).
-`configs/digits.py:tiny` is a seconds-long variant for the tests.
+`configs/digits.py:adv` adds the adversarial term on the real digits (a discriminator with its own
+encoder; docs/digits.md), `configs/digits.py:tiny` is a seconds-long variant for the tests.
 
 The field set is `emd_jax.config.defaults.distill_config()`, shared with every
 distillation config; this file only changes the teacher, the budget and the evaluation.
@@ -35,9 +36,9 @@ from emd_jax.config.defaults import distill_config
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   variants = set(filter(None, arg.split(",")))
-  unknown = variants - {"cond", "tiny"}
+  unknown = variants - {"cond", "tiny", "adv"}
   if unknown:
-    raise ValueError(f"configs/digits.py: unknown variant(s) {sorted(unknown)}; known: '', 'cond', 'tiny'")
+    raise ValueError(f"configs/digits.py: unknown variant(s) {sorted(unknown)}; known: '', 'cond', 'tiny', 'adv'")
   c = distill_config()
   # EMD's E-step + SIM's loss at its samples, one Langevin step: per generator step every method
   # and chain length tried gives the same diversity here (docs/digits.md "Diversity"), so the
@@ -99,6 +100,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.eval.evaluator = "digits"  # emd_jax.evaluators.registry
   c.eval.batch_size = 500
   c.eval.grid_size = 100  # images in the TensorBoard / PNG grid
+
+  if "adv" in variants:
+    # The default recipe plus the adversarial term on the real digits, its discriminator a head on its
+    # own copy of the fake network (adv.features = "own": the fake denoiser keeps its data-free update).
+    # Seed 0: classifier FD 0.67x, pixel FD 0.90x, KID 0.41x, pixel KID 1.27x its teacher's, recall
+    # 0.919, pixel std 0.983x (data-free: 0.85x, 1.02x, 0.59x, 1.68x, 0.916, 0.976x); docs/digits.md
+    # "A discriminator with its own encoder".
+    c.adv.features = "own"
+    c.fake.adv_weight = 1.0  # with its own encoder, under Adam, this only switches the term on
+    c.loss.adv_weight = 0.1
 
   if "tiny" in variants:
     c.total_steps = 2

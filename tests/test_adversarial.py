@@ -505,3 +505,7 @@ def test_digits_config_runs_the_adversarial_rows_as_shipped():
   c = get_config("tiny")
   distill.validate_distill(c)
   assert not distill.adv_spec(c).on
+  c = get_config("adv,tiny")  # the default method with the term, its own encoder
+  distill.validate_distill(c)
+  spec = distill.adv_spec(c)
+  assert c.method == "emd_simloss_k1" and spec.on and spec.features == "own" and spec.gen_weight == 0.1
