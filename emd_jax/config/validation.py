@@ -11,7 +11,7 @@ This is the one place that checks a rule on a distillation config's values:
 
 from __future__ import annotations
 
-from emd_jax.distill import methods
+from emd_jax.distill import adversarial, methods
 from emd_jax.distill.losses import unknown_name
 from emd_jax.distill.step import DRAWS, FAKE_LOOPS, GAMMA_Z_SCALINGS, GEN_TRAIN_STEPS, REMAT_POLICIES
 from emd_jax.errors import UserInputError
@@ -281,9 +281,9 @@ def _check_adversarial(config) -> None:
   _require(adv.r1_weight >= 0, "adv.r1_weight", f"must be >= 0, got {adv.r1_weight}")
   _require(adv.head_hidden >= 1, "adv.head_hidden", f"must be >= 1, got {adv.head_hidden}")
   readout = adv.get("head_readout") or "mean"
-  _require(readout in ("mean", "dense"), "adv.head_readout", f"must be 'mean' or 'dense', got {readout!r}")
+  _require(readout in adversarial.READOUTS, "adv.head_readout", f"must be one of {adversarial.READOUTS}, got {readout!r}")
   feats = adv.get("features") or "shared"
-  _require(feats in ("shared", "own"), "adv.features", f"must be 'shared' or 'own', got {feats!r}")
+  _require(feats in adversarial.FEATURES, "adv.features", f"must be one of {adversarial.FEATURES}, got {feats!r}")
   head_lr = adv.get("head_lr")
   _require(head_lr is None or head_lr > 0, "adv.head_lr", f"must be > 0 (unset: fake.lr), got {head_lr}")
   start = adv.get("start_step") or 0
