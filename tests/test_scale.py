@@ -7,6 +7,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import serialization
@@ -136,6 +137,10 @@ def test_two_processes_match_one_process(tmp_path):
     "--config.eval_every=100",
     "--config.checkpoint_every=3",
     "--config.log_every=3",
+    # a quantity measured at setup: every process must compile in process 0's, and only it writes the file
+    "--config.generator.latent_mean=tweedie",
+    "--config.generator.latent_mean_samples=64",
+    "--config.generator.latent_mean_iters=2",
   ]
   base_env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
   one = subprocess.run(
@@ -182,3 +187,49 @@ def test_two_processes_match_one_process(tmp_path):
 
   assert_trees_close(load("one"), load("two"), rtol=1e-5, atol=1e-6)
   assert (tmp_path / "two" / "checkpoints" / "6").exists()
+  mus = [np.load(tmp_path / d / "latent_mean.npy") for d in ("one", "two")]
+  np.testing.assert_allclose(mus[1], mus[0], rtol=1e-5, atol=1e-6)
+  assert np.linalg.norm(mus[0]) > 0.01, mus[0]  # a real centre, not the zero default
+
+
+@pytest.mark.parametrize("zero_found", [False, True])
+def test_setup_measurement_follows_process_zero_on_other_processes(tmp_path, monkeypatch, zero_found):
+  """A quantity measured at setup (`generator.latent_mean`, the mean-correction table), seen from process 1
+  of 2: it reads the file exactly when process 0 finds it (else some processes would compute and enter a
+  broadcast the others never join), it uses process 0's float32 value, and it never writes the file."""
+  from emd_jax.jobs import distill
+
+  zero_value = {"mu": np.full(3, 7.0, np.float32), "sigmas": np.asarray([0.5, 2.0]), "n": np.asarray(64)}
+  mine = {"mu": np.full(3, 1.0, np.float32), "sigmas": np.asarray([0.5, 2.0]), "n": np.asarray(64)}
+  sent = []
+
+  def broadcast(tree):  # what process 0 holds: its view of the file, then its computed value
+    sent.append(tree)
+    return np.int32(zero_found) if len(sent) == 1 else jax.tree.map(jnp.asarray, zero_value)
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(distill.multihost_utils, "broadcast_one_to_all", broadcast)
+  calls = {"load": 0, "compute": 0, "save": 0}
+
+  def load(path):
+    calls["load"] += 1
+    return "read"
+
+  def compute(key, batch):
+    calls["compute"] += 1
+    return mine, "computed"
+
+  def save(path, value):
+    calls["save"] += 1
+
+  config = ml_collections.ConfigDict({"seed": 0})
+  value, how = distill._measured_once(config, str(tmp_path), "m.npy", "", 1, load, compute, save)
+  assert not (tmp_path / "m.npy").exists() and calls["save"] == 0
+  if zero_found:
+    assert value == "read" and calls == {"load": 1, "compute": 0, "save": 0}
+    assert len(sent) == 1
+  else:
+    assert calls == {"load": 0, "compute": 1, "save": 0} and len(sent) == 2
+    np.testing.assert_array_equal(value["mu"], zero_value["mu"])  # process 0's, not this process's
+    assert value["sigmas"].dtype == np.float64 and value["n"] == 64  # config echoes keep their dtype

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from emd_jax import nets, teachers
 from emd_jax.config.validation import ConfigError, validate_distill
@@ -184,18 +185,32 @@ def build_setup(
 MEAN_CORRECTION_FILE = "mean_correction.npz"
 
 
+def _from_process_zero(tree):
+  """Process 0's float32 leaves on every process; other leaves (float64 echoes of the config, counts) are
+  the same everywhere already and keep their dtype (a broadcast would round float64 to float32)."""
+  sent = multihost_utils.broadcast_one_to_all(tree)
+  return jax.tree.map(lambda mine, got: np.asarray(got) if np.asarray(mine).dtype == np.float32 else mine, tree, sent)
+
+
 def _measured_once(config, workdir, filename: str, source: str, salt: int, load, compute, save):
   """A quantity measured once per run: read from `source` if given, else from `workdir/filename` (a resumed
   run: exactly what it started with), else `compute(key, batch_size)` from the run's seed and `salt`, then
   written there. Returns `(value, how)`, `how` saying where it came from for the setup log."""
   saved = os.path.join(workdir, filename) if workdir else None
-  source = source or (saved if saved and paths.exists(saved) else "")
+  several = jax.process_count() > 1
+  if not source and saved:
+    found = paths.exists(saved)
+    if several:  # process 0's view for all: every process reads, or every process computes (no deadlock)
+      found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+    source = saved if found else ""
   if source:
     return load(source), f"read from {source}"
   t0 = time.perf_counter()
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), salt)
   value, how = compute(key, config.get("eval", {}).get("batch_size", 500))
-  if saved:
+  if several:  # one value for all processes (it is compiled into the step), and one writer
+    value = _from_process_zero(value)
+  if saved and jax.process_index() == 0:
     paths.makedirs(workdir)
     save(saved, value)
   return value, f"{how}, in {time.perf_counter() - t0:.1f} s"
