@@ -281,7 +281,9 @@ def _check_adversarial(config) -> None:
   _require(adv.r1_weight >= 0, "adv.r1_weight", f"must be >= 0, got {adv.r1_weight}")
   _require(adv.head_hidden >= 1, "adv.head_hidden", f"must be >= 1, got {adv.head_hidden}")
   readout = adv.get("head_readout") or "mean"
-  _require(readout in adversarial.READOUTS, "adv.head_readout", f"must be one of {adversarial.READOUTS}, got {readout!r}")
+  _require(
+    readout in adversarial.READOUTS, "adv.head_readout", f"must be one of {adversarial.READOUTS}, got {readout!r}"
+  )
   feats = adv.get("features") or "shared"
   _require(feats in adversarial.FEATURES, "adv.features", f"must be one of {adversarial.FEATURES}, got {feats!r}")
   head_lr = adv.get("head_lr")
