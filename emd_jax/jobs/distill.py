@@ -186,8 +186,9 @@ MEAN_CORRECTION_FILE = "mean_correction.npz"
 
 
 def _from_process_zero(tree):
-  """Process 0's float32 leaves on every process; other leaves (float64 echoes of the config, counts) are
-  the same everywhere already and keep their dtype (a broadcast would round float64 to float32)."""
+  """Process 0's float32 leaves on every process: the values compiled into the step. Other leaves keep
+  each process's own (a broadcast would round float64 to float32): the config's echoes and counts, the
+  same everywhere, and the mean-correction table's float64 noise floor, which is only logged."""
   sent = multihost_utils.broadcast_one_to_all(tree)
   return jax.tree.map(lambda mine, got: np.asarray(got) if np.asarray(mine).dtype == np.float32 else mine, tree, sent)
 
